@@ -1,0 +1,227 @@
+"""Argument checks, defaults and dispatch to an impl."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from numbers import Number
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _reduce
+from .impl import chunked as _chunked
+from .impl import torch as _ref
+from .ops import fused_cross_entropy
+from .ops.cross_entropy import FusedCall
+from .targets import Target, class_dim, normalize_target
+
+__all__ = ["cross_entropy"]
+
+IMPLS = ("auto", "torch", "chunked", "triton")
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """The impl that runs: ``auto`` is triton on CUDA when triton imports, else chunked."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r} is not one of {', '.join(repr(i) for i in IMPLS)}")
+    if impl == "auto":
+        return "triton" if device.type == "cuda" and _triton_available() else "chunked"
+    return impl
+
+
+def check_options(reduction: str, label_smoothing, z_loss, softcap, num_items) -> None:
+    """Validate the options shared by every loss in crossent."""
+    if reduction not in _reduce.REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r} is not one of 'none', 'mean', 'sum'")
+    if not isinstance(label_smoothing, Number) or isinstance(label_smoothing, bool) \
+            or not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"label_smoothing={label_smoothing!r} must be a number in [0, 1] (0 turns it off)")
+    if not isinstance(z_loss, Number) or isinstance(z_loss, bool) or not math.isfinite(z_loss) or z_loss < 0:
+        raise ValueError(f"z_loss={z_loss!r} must be a finite number >= 0 (a typical value is 1e-4; 0 turns it off)")
+    if softcap is not None and (not isinstance(softcap, Number) or isinstance(softcap, bool)
+                                or not math.isfinite(softcap) or softcap <= 0):
+        raise ValueError(f"softcap={softcap!r} must be None or a finite number > 0 (for example 30.0)")
+    if num_items is not None:
+        if reduction == "none":
+            raise ValueError("num_items divides the summed loss, so it needs reduction='mean' or 'sum', not 'none'")
+        if isinstance(num_items, Tensor):
+            if num_items.numel() != 1:
+                raise ValueError(f"num_items must be a number or a one-element tensor, got shape {list(num_items.shape)}")
+        elif not isinstance(num_items, Number) or isinstance(num_items, bool) or not num_items > 0:
+            raise ValueError(f"num_items={num_items!r} must be a count > 0 (the number of target positions it "
+                             "stands for, summed over micro-batches or ranks)")
+
+
+def check_weight(weight: Optional[Tensor], C: int, device: torch.device, name: str = "weight") -> None:
+    if weight is None:
+        return
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"{name} must be a 1-D tensor of {C} class weights, got {type(weight).__name__}")
+    if weight.dim() != 1 or weight.numel() != C:
+        raise ValueError(f"{name} has shape {list(weight.shape)} but the input has {C} classes: "
+                         f"pass a 1-D tensor of length {C}")
+    if not weight.dtype.is_floating_point:
+        raise TypeError(f"{name} must be floating, got {weight.dtype}; use {name}.float()")
+    if weight.device != device:
+        raise ValueError(f"{name} is on {weight.device} but input on {device}; move it with {name}.to(input.device)")
+
+
+def cross_entropy(input: Tensor, target, weight: Optional[Tensor] = None, ignore_index: int = -100,
+                  reduction: str = "mean", label_smoothing: float = 0.0, *, dim: int = 1,
+                  target_format: str = "auto", z_loss: float = 0.0, softcap: Optional[float] = None,
+                  num_items=None, impl: str = "auto", inplace_backward: bool = False, process_group=None,
+                  return_extras: bool = False):
+    r"""Cross-entropy between logits and a target in any encoding; a drop-in for
+    :func:`torch.nn.functional.cross_entropy`.
+
+    With logits :math:`x` over :math:`C` classes at a position, :math:`\mathrm{lse}
+    = \log\sum_c e^{x_c}`, class weights :math:`w` (all 1 by default) and label
+    smoothing :math:`\varepsilon`:
+
+    * **class indices** (and **one-hot**, reduced to indices) :math:`y`:
+
+      .. math::
+          \ell = (1-\varepsilon)\, w_y (\mathrm{lse} - x_y)
+                 + \frac{\varepsilon}{C} \sum_c w_c (\mathrm{lse} - x_c)
+
+      ignored positions (``target == ignore_index``, or an all-zero one-hot row)
+      give 0; ``mean`` divides the sum by :math:`\sum w_{y}` over the
+      non-ignored positions (PyTorch's rule, also for one-hot targets).
+    * **probabilities** :math:`q` (and :class:`SparseTarget`, the same with
+      :math:`q_c = 0` outside its k classes):
+
+      .. math::
+          \ell = \sum_c w_c \big((1-\varepsilon) q_c + \tfrac{\varepsilon}{C}\big) (\mathrm{lse} - x_c)
+
+      ``mean`` divides by the number of positions. Terms with zero target mass
+      count as 0 even where :math:`x_c = -\infty`.
+
+    Extras, added to every non-ignored position: ``z_loss`` adds
+    :math:`z\,\mathrm{lse}^2` (unweighted; ``mean`` divides it by the number of
+    non-ignored positions); ``softcap`` :math:`s` replaces :math:`x` by
+    :math:`s \tanh(x / s)` first. ``num_items`` divides the sum of both terms by
+    a count you give (gradient accumulation, data parallel): a micro-batch
+    whose positions are all ignored gives 0 and a zero gradient, not NaN.
+
+    Args:
+        input (Tensor): logits, ``(N, C)``, ``(C,)``, ``(N, C, d1, ..., dK)``,
+            or classes at any ``dim``. Not probabilities: no softmax first.
+        target (Tensor or SparseTarget): class indices (any integer dtype) of
+            the input's shape without the class dim; one-hot (bool, integer or,
+            with ``target_format="one_hot"``, float) or probabilities (float)
+            of the input's shape; or a :class:`SparseTarget`.
+        weight (Tensor, optional): class weights ``(C,)``. Default: ``None``.
+        ignore_index (int, optional): class index to skip (padding in a
+            :class:`SparseTarget`). Not allowed with probabilities. Default: -100.
+        reduction (str, optional): ``"none"`` | ``"mean"`` | ``"sum"``. Default: ``"mean"``.
+        label_smoothing (float, optional): :math:`\varepsilon` in [0, 1]. Default: 0.0.
+        dim (int, optional): the class dim; ``dim=-1`` takes ``[B, T, V]``
+            logits with ``[B, T]`` targets, no transpose or copy. Default: 1.
+        target_format (str, optional): ``"auto"`` | ``"index"`` | ``"one_hot"``
+            | ``"probs"`` | ``"sparse"``. ``auto``: integer of index shape is
+            index; float of input shape is probs (PyTorch's rule); integer or
+            bool of input shape is one-hot. Default: ``"auto"``.
+        z_loss (float, optional): z-loss coefficient. Default: 0.0.
+        softcap (float, optional): logit soft-capping value. Default: ``None``.
+        num_items (int, float or Tensor, optional): divide the summed loss by
+            this instead of the ``mean`` denominator. Default: ``None``.
+        impl (str, optional): ``"auto"`` | ``"torch"`` | ``"chunked"`` |
+            ``"triton"``. Default: ``"auto"`` (triton on CUDA, else chunked).
+        inplace_backward (bool, optional): write the gradient over ``input``'s
+            storage during the forward (no extra ``[N, C]`` memory). The logits'
+            values are lost; anything else that saved them fails loudly at its
+            backward. Fused impls only. Default: ``False``.
+        process_group (ProcessGroup, optional): vocab-parallel mode (the
+            input holds this rank's shard of the classes). Default: ``None``.
+        return_extras (bool, optional): also return a dict with per-position
+            ``lse``, ``z_loss`` and ``predicted`` class (detached). Default: ``False``.
+
+    Value checks on targets sync with the device on CUDA: see
+    :func:`crossent.set_checks`.
+
+    Shape:
+        - Input: :math:`(N, C)`, :math:`(C)` or :math:`(N, C, d_1, ..., d_K)`
+          (classes at ``dim``).
+        - Target: :math:`(N)`, :math:`()` or :math:`(N, d_1, ..., d_K)` for
+          indices; the input's shape for one-hot and probabilities; that shape
+          with the class dim removed plus a last dim :math:`k` for a SparseTarget.
+        - Output: a scalar, or the target positions' shape with ``reduction="none"``.
+
+    Example::
+
+        >>> import torch, crossent
+        >>> logits = torch.randn(4, 3, requires_grad=True)
+        >>> a = crossent.cross_entropy(logits, torch.tensor([0, 1, 2, 2]))
+        >>> b = crossent.cross_entropy(logits, torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0, 1]]))
+        >>> torch.allclose(a, b)
+        True
+    """
+    if not isinstance(input, Tensor):
+        raise TypeError(f"input must be a tensor of logits, got {type(input).__name__}")
+    if not input.dtype.is_floating_point:
+        raise TypeError(f"input must be floating logits, got {input.dtype}; use input.float()")
+    cdim = class_dim(input, dim)
+    C = input.shape[cdim]
+    if C == 0:
+        raise ValueError(f"input {list(input.shape)} has 0 classes at dim {cdim}")
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    check_options(reduction, label_smoothing, z_loss, softcap, num_items)
+    check_weight(weight, C, input.device)
+    if process_group is not None:
+        raise ValueError("process_group (vocab-parallel) is not available yet in this version of crossent; "
+                         "gather the full vocab on one device or leave process_group=None")
+    name = resolve_impl(impl, input.device)
+    tgt = normalize_target(target, input, cdim, target_format, ignore_index)
+    shape3 = (math.prod(input.shape[:cdim]), C, math.prod(input.shape[cdim + 1:]))
+    pos_shape = torch.Size(input.shape[:cdim] + input.shape[cdim + 1:])
+    acc = _ref.acc_dtype(input.dtype)
+    w = None if weight is None else weight.to(acc)
+    ls = float(label_smoothing)
+    z_loss = float(z_loss)
+    softcap = None if softcap is None else float(softcap)
+    ce_denom, z_denom = _reduce.denominators(tgt, w, reduction, num_items, ignore_index, acc, input.device)
+
+    if name == "torch":
+        if inplace_backward:
+            raise ValueError("inplace_backward=True needs a fused impl ('chunked' or 'triton'): impl='torch' "
+                             "differentiates with autograd and has no gradient to write in place")
+        ce, z, lse, pred = _ref.cross_entropy_rows(input.reshape(shape3), tgt, weight, ignore_index, ls, softcap,
+                                                   z_loss)
+        loss = _reduce.reduce_rows(ce, z, reduction, ce_denom, z_denom, pos_shape, input.dtype)
+        zrows = z.detach() if z is not None else torch.zeros_like(lse)
+    else:
+        if weight is not None and weight.requires_grad:
+            raise ValueError(f"weight requires grad, but impl={name!r} does not differentiate class weights; "
+                             "pass weight.detach() or use impl='torch'")
+        if tgt.requires_grad:
+            raise ValueError(f"the target requires grad, but impl={name!r} does not differentiate targets; "
+                             "pass target.detach() (the usual case for a teacher's probabilities) or use impl='torch'")
+        if name == "triton":
+            from .impl.triton import cross_entropy_forward as kernel_fn
+        else:
+            kernel_fn = _chunked.cross_entropy_forward
+        ce_g = _reduce.grad_scale(ce_denom, acc, input.device)
+        z_g = _reduce.grad_scale(z_denom, acc, input.device)
+        kernel = partial(_run_kernel, kernel_fn, tgt, w, ignore_index, ls, softcap, z_loss, ce_g, z_g, return_extras)
+        call = FusedCall(kernel, shape3, reduction, ce_denom, z_denom, pos_shape, cdim, bool(inplace_backward), name)
+        loss, lse, zrows, pred = fused_cross_entropy(input, call)
+    if not return_extras:
+        return loss
+    extras = {"lse": lse.reshape(pos_shape), "z_loss": zrows.reshape(pos_shape), "predicted": pred.reshape(pos_shape)}
+    return loss, extras
+
+
+def _run_kernel(kernel_fn, tgt: Target, w, ignore_index, ls, softcap, z_loss, ce_g, z_g, want_pred, x3, grad3):
+    return kernel_fn(x3, tgt, w, ignore_index, ls, softcap, z_loss, ce_g, z_g, grad3, want_pred)
+

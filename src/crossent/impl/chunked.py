@@ -1,0 +1,180 @@
+"""Fused chunked cross-entropy with torch ops: any device.
+
+One pass over row chunks computes, per position, the loss terms and -- when a
+gradient is wanted -- the gradient of the (already scaled) loss, written
+straight into the caller's buffer. No ``[N, C]`` log-softmax is kept: the only
+full-size tensor is the gradient itself (none at all with
+``inplace_backward``, which writes it over the logits).
+
+For a chunk of rows with logits ``x`` (after the optional softcap), ``lse``
+their log-sum-exp, ``p = softmax(x)``, the gradient of one position's loss is
+``S * p - m + 2 * z_loss * lse * p`` where ``m`` is the target mass
+(``(1 - eps) * w_y`` at the true class for index targets, ``w_c * q_c`` for
+probabilities, the k weighted values for sparse targets, plus ``eps/C * w``
+for label smoothing) and ``S = sum(m)``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..targets import Target
+from .torch import acc_dtype
+
+# Elements per chunk: small enough to stay in cache, big enough that the
+# per-op overhead of a dozen torch calls per chunk is amortised.
+CHUNK_ELEMENTS = 1 << 17
+
+
+def _rows(t3: Tensor, p0: int, p1: int) -> Tensor:
+    """Rows ``[p0, p1)`` of a ``[P, C, Q]`` tensor as ``[(p1 - p0) * Q, C]`` (a view when Q == 1)."""
+    blk = t3[p0:p1]
+    if blk.shape[2] == 1:
+        return blk[:, :, 0]
+    return blk.transpose(1, 2).reshape(-1, blk.shape[1])
+
+
+def cross_entropy_forward(x3: Tensor, tgt: Target, weight: Optional[Tensor], ignore_index: int,
+                          label_smoothing: float, softcap: Optional[float], z_loss: float,
+                          ce_gscale: Tensor, z_gscale: Tensor, grad3: Optional[Tensor], want_predicted: bool,
+                          chunk_elements: int = CHUNK_ELEMENTS
+                          ) -> Tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]:
+    """Per-position ``(ce, z, lse, predicted)`` for logits ``x3`` ``[P, C, Q]``.
+
+    When ``grad3`` (same shape as ``x3``; it may be ``x3`` itself) is given,
+    the gradient of ``sum(ce) * ce_gscale + sum(z) * z_gscale`` is written
+    into it.
+    """
+    P, C, Q = x3.shape
+    M = P * Q
+    acc = acc_dtype(x3.dtype)
+    dev = x3.device
+    ls = float(label_smoothing)
+    w = None if weight is None else weight.to(acc)
+    w_total = float(C) if w is None else None  # the weights' sum, as a tensor when weighted
+    if w is not None:
+        w_total = w.sum()
+    ce_out = torch.empty(M, dtype=acc, device=dev)
+    lse_out = torch.empty(M, dtype=acc, device=dev)
+    z_out = torch.empty(M, dtype=acc, device=dev) if z_loss else None
+    pred_out = torch.empty(M, dtype=torch.long, device=dev) if want_predicted else None
+    need_grad = grad3 is not None
+    need_logp = need_grad or ls > 0 or tgt.kind == "probs"
+
+    if tgt.kind == "index":
+        y_all = tgt.index.reshape(-1)
+    elif tgt.kind == "sparse":
+        k = tgt.sp_index.shape[-1]
+        si_all = tgt.sp_index.reshape(M, k)
+        sv_all = tgt.sp_values.reshape(M, k)
+    slabs = max(1, chunk_elements // max(1, C * Q))
+
+    for p0 in range(0, P, slabs):
+        p1 = min(P, p0 + slabs)
+        r0, r1 = p0 * Q, p1 * Q
+        xc = _rows(x3, p0, p1).to(acc)
+        if want_predicted:
+            pred_out[r0:r1] = xc.argmax(1)
+        th = None
+        if softcap is not None:
+            th = torch.tanh(xc / softcap)
+            xs = th * softcap
+        else:
+            xs = xc
+        lse = torch.logsumexp(xs, 1)
+        lse_out[r0:r1] = lse
+
+        # logp goes straight into the gradient buffer when it is a plain float view.
+        gdst = grad3[p0:p1, :, 0] if need_grad and Q == 1 else None
+        direct = gdst is not None and gdst.dtype == acc and gdst.is_contiguous()
+        buf = None
+        if need_logp:
+            buf = gdst if direct else torch.empty_like(xs, memory_format=torch.contiguous_format)
+            torch.sub(xs, lse.unsqueeze(1), out=buf)
+
+        row_valid = None
+        if tgt.kind == "probs":
+            q = _rows(tgt.probs, p0, p1).to(acc)
+            q = q * (1 - ls) + ls / C if ls > 0 else q.clone()
+            if w is not None:
+                q.mul_(w)
+            term = q * buf
+            term.masked_fill_(q == 0, 0)
+            ce = term.sum(1).neg_()
+            mass = q.sum(1)
+            cols = vals = None
+        else:
+            if tgt.kind == "index":
+                y = y_all[r0:r1]
+                valid = y != ignore_index
+                in_range = (y >= 0) & (y < C)
+                cols = torch.where(in_range, y, torch.zeros_like(y)).unsqueeze(1)
+                vals = valid.to(acc).unsqueeze(1)
+                if w is not None:
+                    vals = vals * w[cols]
+                vals.masked_fill_((valid & ~in_range).unsqueeze(1), float("nan"))
+                row_valid = valid.to(acc)
+            else:
+                si = si_all[r0:r1]
+                pad = si == ignore_index
+                in_range = (si >= 0) & (si < C)
+                cols = torch.where(in_range, si, torch.zeros_like(si))
+                vals = sv_all[r0:r1].to(acc).masked_fill(pad, 0)
+                vals.masked_fill_(~pad & ~in_range, float("nan"))
+                if w is not None:
+                    vals = vals * w[cols]
+            if ls > 0:
+                vals = vals * (1 - ls)
+            lp = buf.gather(1, cols) if buf is not None else xs.gather(1, cols) - lse.unsqueeze(1)
+            term = vals * lp
+            term.masked_fill_(vals == 0, 0)
+            ce = term.sum(1).neg_()
+            mass = vals.sum(1)
+            if ls > 0:
+                smooth = -(buf @ w) if w is not None else -buf.sum(1)
+                sm_mass = (ls / C) * w_total
+                if row_valid is not None:
+                    smooth = smooth * row_valid
+                    sm_mass = sm_mass * row_valid
+                ce = ce + (ls / C) * smooth
+                mass = mass + sm_mass
+        ce_out[r0:r1] = ce
+
+        if z_loss:
+            z = z_loss * lse.square()
+            if row_valid is not None:
+                z = z * row_valid
+            z_out[r0:r1] = z
+
+        if not need_grad:
+            continue
+        p = buf.exp_()  # softmax
+        coef = mass * ce_gscale
+        if z_loss:
+            zc = (2 * z_loss) * z_gscale * lse
+            coef = coef + (zc * row_valid if row_valid is not None else zc)
+        p.mul_(coef.unsqueeze(1))
+        if tgt.kind == "probs":
+            p.sub_(q.mul_(ce_gscale))
+        else:
+            p.scatter_add_(1, cols, vals.mul(-ce_gscale))
+            if ls > 0:
+                rv = (ls / C) * ce_gscale
+                if row_valid is not None:
+                    rv = rv * row_valid
+                else:
+                    rv = rv.expand(p.shape[0])
+                if w is not None:
+                    p.addr_(rv, w, alpha=-1)
+                else:
+                    p.sub_(rv.unsqueeze(1))
+        if th is not None:
+            p.mul_(th.square_().neg_().add_(1))
+        if gdst is None:
+            grad3[p0:p1].copy_(p.reshape(p1 - p0, Q, C).transpose(1, 2))
+        elif not direct:
+            gdst.copy_(p)
+    return ce_out, z_out, lse_out, pred_out

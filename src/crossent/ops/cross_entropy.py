@@ -1,0 +1,94 @@
+"""Autograd for the fused impls: the forward computes the gradient, the
+backward only scales it by the incoming gradient.
+
+Memory: the saved gradient is the only ``[N, C]`` tensor. When autograd will
+free the graph after this backward (the usual ``loss.backward()``), the
+gradient is scaled in place and handed on, so no second ``[N, C]`` buffer is
+made; with ``retain_graph=True`` it is kept intact and a scaled copy is
+returned, so a second backward is still right.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .._reduce import reduce_rows
+
+
+def keep_graph() -> bool:
+    """Whether the running backward keeps the graph (``retain_graph``); True if unknown."""
+    getter = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    if getter is None:
+        return True
+    try:
+        return bool(getter())
+    except RuntimeError:
+        return True
+
+
+@dataclass
+class FusedCall:
+    """Everything the fused forward needs besides the logits."""
+
+    kernel: Callable  # (x3, grad3 or None) -> (ce, z, lse, predicted)
+    shape3: tuple  # (P, C, Q)
+    reduction: str
+    ce_denom: Optional[Tensor]
+    z_denom: Optional[Tensor]
+    pos_shape: torch.Size
+    cdim: int
+    inplace: bool
+    impl_name: str
+
+
+class _FusedCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input: Tensor, call: FusedCall):
+        x3 = input.reshape(call.shape3)
+        grad = grad3 = None
+        if input.requires_grad:
+            if call.inplace and x3.untyped_storage().data_ptr() == input.untyped_storage().data_ptr():
+                grad, grad3 = input.detach(), x3  # x3 is a view of the input: write the gradient over it
+            else:
+                grad = torch.empty(input.shape, dtype=input.dtype, device=input.device)
+                grad3 = grad.view(call.shape3)
+        ce, z, lse, pred = call.kernel(x3, grad3)
+        loss = reduce_rows(ce, z, call.reduction, call.ce_denom, call.z_denom, call.pos_shape, input.dtype)
+        if grad3 is x3:
+            torch.autograd.graph.increment_version(input)  # anything that saved the logits now errors, not misleads
+        ctx.grad = grad
+        ctx.call = call
+        zrows = z if z is not None else torch.zeros_like(lse)
+        ctx.mark_non_differentiable(lse, zrows, *(() if pred is None else (pred,)))
+        return loss, lse, zrows, pred
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        call: FusedCall = ctx.call
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                f"crossent: impl={call.impl_name!r} computes its gradient during the forward and cannot give a second "
+                "derivative (backward with create_graph=True); use impl='torch' for double backward")
+        grad = ctx.grad
+        if grad is None:
+            raise RuntimeError("crossent: this loss's saved gradient was already released; call backward with "
+                               "retain_graph=True the first time to run backward through it twice")
+        go = grad_loss
+        if call.reduction == "none" and call.ce_denom is None and go.dim() > 0:
+            go = go.unsqueeze(call.cdim)
+        scalar_one = go.dim() == 0 and go.device.type == "cpu" and float(go) == 1.0
+        if keep_graph():
+            return (grad.clone() if scalar_one else grad * go), None
+        ctx.grad = None
+        if not scalar_one:
+            grad.mul_(go)
+        return grad, None
+
+
+def fused_cross_entropy(input: Tensor, call: FusedCall):
+    """``(loss, lse, z, predicted)`` through the fused autograd function."""
+    return _FusedCrossEntropy.apply(input, call)
