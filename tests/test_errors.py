@@ -1,0 +1,126 @@
+"""Errors that teach: ValueError/TypeError naming the argument, the values and the fix."""
+
+import pytest
+import torch
+
+import crossent
+from crossent import SparseTarget
+
+IMPLS = ["torch", "chunked"]
+
+
+def raises(exc, *words, **call):
+    fn = call.pop("fn", crossent.cross_entropy)
+    args = call.pop("args")
+    with pytest.raises(exc) as info:
+        fn(*args, **call)
+    msg = str(info.value)
+    for w in words:
+        assert w in msg, f"{w!r} not in {msg!r}"
+    return msg
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_out_of_range_index(impl):
+    x = torch.randn(4, 3)
+    raises(ValueError, "target 7", "position (2,)", "3 classes", args=(x, torch.tensor([0, 1, 7, 2])), impl=impl)
+    raises(ValueError, "target -1", "position (0, 1)", "ignore_index=-1",
+           args=(torch.randn(2, 3, 4), torch.tensor([[0, -1, 1, 2], [0, 0, 0, 0]])), impl=impl)
+
+
+def test_float_targets_of_index_shape():
+    raises(TypeError, "float32", "target.long()", args=(torch.randn(4, 3), torch.tensor([0.0, 1.0, 2.0, 2.0])))
+
+
+def test_btc_logits_with_bt_targets():
+    msg = raises(ValueError, "[8, 5, 100]", "[8, 5]", "pass dim=-1",
+                 args=(torch.randn(8, 5, 100), torch.randint(0, 100, (8, 5))))
+    assert "last dim" in msg
+
+
+def test_multi_hot_one_hot():
+    oh = torch.tensor([[1, 0, 0], [0, 1, 1]])
+    raises(ValueError, "multi-label", "binary_cross_entropy_with_logits", "probs", "position (1,)",
+           args=(torch.randn(2, 3), oh))
+    raises(ValueError, "value 2", "0 and 1", args=(torch.randn(2, 3), torch.tensor([[2, 0, 0], [0, 1, 0]])))
+
+
+@pytest.mark.parametrize("ls", [-0.1, 1.5, float("nan")])
+def test_label_smoothing_range(ls):
+    raises(ValueError, "label_smoothing", "[0, 1]", args=(torch.randn(2, 3), torch.tensor([0, 1])), label_smoothing=ls)
+
+
+def test_unknown_reduction_and_format_and_impl():
+    x, t = torch.randn(2, 3), torch.tensor([0, 1])
+    raises(ValueError, "reduction='avg'", "'mean'", args=(x, t), reduction="avg")
+    raises(ValueError, "target_format='onehot'", "'one_hot'", args=(x, t), target_format="onehot")
+    raises(ValueError, "impl='cuda'", "'chunked'", args=(x, t), impl="cuda")
+
+
+def test_weight_wrong_length_dtype_device():
+    x, t = torch.randn(2, 3), torch.tensor([0, 1])
+    raises(ValueError, "weight", "[4]", "3 classes", "length 3", args=(x, t), weight=torch.ones(4))
+    raises(TypeError, "weight", "float()", args=(x, t), weight=torch.ones(3, dtype=torch.long))
+    raises(ValueError, "weight", "meta", "input.device", args=(x, t), weight=torch.ones(3, device="meta"))
+
+
+def test_ignore_index_with_probs():
+    raises(ValueError, "ignore_index=0", "probability", args=(torch.randn(2, 3), torch.rand(2, 3)), ignore_index=0)
+
+
+def test_nan_in_targets():
+    p = torch.rand(2, 3)
+    p[1, 2] = float("nan")
+    raises(ValueError, "NaN", "(1, 2)", args=(torch.randn(2, 3), p))
+    st_ = SparseTarget(torch.tensor([[0], [1]]), torch.tensor([[float("nan")], [1.0]]))
+    raises(ValueError, "NaN", args=(torch.randn(2, 3), st_))
+
+
+def test_other_bad_arguments():
+    x, t = torch.randn(2, 3), torch.tensor([0, 1])
+    raises(TypeError, "floating", args=(torch.tensor([[1, 2, 3]]), torch.tensor([0])))
+    raises(ValueError, "z_loss", args=(x, t), z_loss=-1.0)
+    raises(ValueError, "softcap", args=(x, t), softcap=0.0)
+    raises(ValueError, "num_items", "'none'", args=(x, t), num_items=3, reduction="none")
+    raises(ValueError, "num_items", args=(x, t), num_items=0)
+    raises(ValueError, "dim=3", args=(x, t), dim=3)
+    raises(ValueError, "inplace_backward", "impl='torch'", args=(x, t), impl="torch", inplace_backward=True)
+    raises(ValueError, "SparseTarget", "[2, 3]", args=(x, SparseTarget(torch.zeros(3, 1).long(), torch.ones(3, 1))))
+    raises(TypeError, "SparseTarget", args=(x, t), target_format="sparse")
+    raises(TypeError, "integer", fn=SparseTarget, args=(torch.zeros(2, 1), torch.ones(2, 1)))
+    raises(ValueError, "same shape", fn=SparseTarget, args=(torch.zeros(2, 1).long(), torch.ones(2, 2)))
+    raises(ValueError, "requires grad", "detach", args=(x, torch.rand(2, 3, requires_grad=True)), impl="chunked")
+    raises(ValueError, "weight requires grad", args=(x, t), weight=torch.ones(3, requires_grad=True), impl="chunked")
+
+
+def test_never_mutates_inputs():
+    x = torch.randn(6, 5, requires_grad=True)
+    t = torch.tensor([0, 1, 2, 3, 4, -100])
+    p = torch.rand(6, 5)
+    w = torch.rand(5)
+    before = [x.detach().clone(), t.clone(), p.clone(), w.clone()]
+    for impl in IMPLS:
+        crossent.cross_entropy(x, t, w, impl=impl, label_smoothing=0.1, z_loss=0.1, softcap=2.0).backward()
+        crossent.cross_entropy(x, p, w, impl=impl, label_smoothing=0.1).backward()
+    for a, b in zip(before, [x.detach(), t, p, w]):
+        assert torch.equal(a, b)
+
+
+def test_no_assert_in_library_code():
+    import pathlib
+    import re
+
+    root = pathlib.Path(crossent.__file__).parent
+    for f in root.rglob("*.py"):
+        for i, line in enumerate(f.read_text().splitlines(), 1):
+            assert not re.match(r"\s*assert\b", line), f"{f}:{i} uses assert"
+
+
+def test_checks_off_gives_nan_not_crash():
+    prev = crossent.set_checks(False)
+    try:
+        for impl in IMPLS:
+            loss = crossent.cross_entropy(torch.randn(3, 4), torch.tensor([0, 9, 1]), reduction="none", impl=impl)
+            assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all()
+    finally:
+        crossent.set_checks(prev)
