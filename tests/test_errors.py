@@ -102,6 +102,9 @@ def test_never_mutates_inputs():
     for impl in IMPLS:
         crossent.cross_entropy(x, t, w, impl=impl, label_smoothing=0.1, z_loss=0.1, softcap=2.0).backward()
         crossent.cross_entropy(x, p, w, impl=impl, label_smoothing=0.1).backward()
+        crossent.cross_entropy(x, p, impl=impl).backward()
+        if impl != "torch":
+            crossent.cross_entropy(x.detach().clone().requires_grad_(), p, impl=impl, inplace_backward=True).backward()
     for a, b in zip(before, [x.detach(), t, p, w]):
         assert torch.equal(a, b)
 

@@ -15,7 +15,7 @@ from .impl import chunked as _chunked
 from .impl import torch as _ref
 from .ops import fused_cross_entropy
 from .ops.cross_entropy import FusedCall
-from .targets import Target, class_dim, normalize_target
+from .targets import Target, check_after, class_dim, normalize_target
 
 __all__ = ["cross_entropy"]
 
@@ -216,6 +216,7 @@ def cross_entropy(input: Tensor, target, weight: Optional[Tensor] = None, ignore
         kernel = partial(_run_kernel, kernel_fn, tgt, w, ignore_index, ls, softcap, z_loss, ce_g, z_g, return_extras)
         call = FusedCall(kernel, shape3, reduction, ce_denom, z_denom, pos_shape, cdim, bool(inplace_backward), name)
         loss, lse, zrows, pred = fused_cross_entropy(input, call)
+    check_after(tgt, target, loss)
     if not return_extras:
         return loss
     extras = {"lse": lse.reshape(pos_shape), "z_loss": zrows.reshape(pos_shape), "predicted": pred.reshape(pos_shape)}

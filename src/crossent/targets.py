@@ -306,12 +306,18 @@ def normalize_target(target, input: Tensor, cdim: int, target_format: str, ignor
                 "(PyTorch rejects this too): leave ignore_index at -100, give ignored positions an all-zero row, "
                 "or use index targets"
             )
-        if _CHECKS:
-            _check_nan(target, "target")
+        # NaN in the probabilities is looked for only when the loss comes out NaN (check_after): no extra pass.
         return Target("probs", probs=target.reshape(P, C, Q), source="probs")
 
     # fmt == "sparse" with a plain tensor
     raise TypeError("target_format='sparse' needs a crossent.SparseTarget(indices, values)")
+
+
+def check_after(tgt: Target, target, loss: Tensor) -> None:
+    """Checks deferred until the loss is known: a NaN loss with probability targets
+    means a NaN target (raised here) or NaN logits (left to the caller)."""
+    if _CHECKS and tgt.kind == "probs" and bool(torch.isnan(loss.detach()).any()):
+        _check_nan(target, "target")
 
 
 def _check_classes(t: Tensor, C: int, ignore_index: int, name: str) -> None:

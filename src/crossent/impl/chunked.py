@@ -39,7 +39,7 @@ def _rows(t3: Tensor, p0: int, p1: int) -> Tensor:
 
 def cross_entropy_forward(x3: Tensor, tgt: Target, weight: Optional[Tensor], ignore_index: int,
                           label_smoothing: float, softcap: Optional[float], z_loss: float,
-                          ce_gscale: Tensor, z_gscale: Tensor, grad3: Optional[Tensor], want_predicted: bool,
+                          ce_gscale: Tensor, z_gscale: Tensor, grad3: Optional[Tensor], want_predicted: bool, want_lse: bool = True,
                           chunk_elements: int = CHUNK_ELEMENTS
                           ) -> Tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]:
     """Per-position ``(ce, z, lse, predicted)`` for logits ``x3`` ``[P, C, Q]``.
@@ -58,11 +58,10 @@ def cross_entropy_forward(x3: Tensor, tgt: Target, weight: Optional[Tensor], ign
     if w is not None:
         w_total = w.sum()
     ce_out = torch.empty(M, dtype=acc, device=dev)
-    lse_out = torch.empty(M, dtype=acc, device=dev)
+    lse_out = torch.empty(M, dtype=acc, device=dev) if want_lse else None
     z_out = torch.empty(M, dtype=acc, device=dev) if z_loss else None
     pred_out = torch.empty(M, dtype=torch.long, device=dev) if want_predicted else None
     need_grad = grad3 is not None
-    need_logp = need_grad or ls > 0 or tgt.kind == "probs"
 
     if tgt.kind == "index":
         y_all = tgt.index.reshape(-1)
@@ -76,36 +75,27 @@ def cross_entropy_forward(x3: Tensor, tgt: Target, weight: Optional[Tensor], ign
         p1 = min(P, p0 + slabs)
         r0, r1 = p0 * Q, p1 * Q
         xc = _rows(x3, p0, p1).to(acc)
-        if want_predicted:
-            pred_out[r0:r1] = xc.argmax(1)
         th = None
         if softcap is not None:
             th = torch.tanh(xc / softcap)
             xs = th * softcap
         else:
             xs = xc
-        lse = torch.logsumexp(xs, 1)
-        lse_out[r0:r1] = lse
 
-        # logp goes straight into the gradient buffer when it is a plain float view.
-        gdst = grad3[p0:p1, :, 0] if need_grad and Q == 1 else None
-        direct = gdst is not None and gdst.dtype == acc and gdst.is_contiguous()
-        buf = None
-        if need_logp:
-            buf = gdst if direct else torch.empty_like(xs, memory_format=torch.contiguous_format)
-            torch.sub(xs, lse.unsqueeze(1), out=buf)
-
+        # Every read of the logits comes before the softmax, which may overwrite
+        # them (inplace_backward writes the gradient over the logits).
+        if want_predicted:
+            pred_out[r0:r1] = xs.argmax(1)
+        xmax = xs.amax(1)
         row_valid = None
         if tgt.kind == "probs":
             q = _rows(tgt.probs, p0, p1).to(acc)
-            q = q * (1 - ls) + ls / C if ls > 0 else q.clone()
+            if ls > 0:
+                q = q * (1 - ls) + ls / C
             if w is not None:
-                q.mul_(w)
-            term = q * buf
-            term.masked_fill_(q == 0, 0)
-            ce = term.sum(1).neg_()
+                q = q * w
+            qx = _masked_dot(q, xs)
             mass = q.sum(1)
-            cols = vals = None
         else:
             if tgt.kind == "index":
                 y = y_all[r0:r1]
@@ -128,14 +118,30 @@ def cross_entropy_forward(x3: Tensor, tgt: Target, weight: Optional[Tensor], ign
                     vals = vals * w[cols]
             if ls > 0:
                 vals = vals * (1 - ls)
-            lp = buf.gather(1, cols) if buf is not None else xs.gather(1, cols) - lse.unsqueeze(1)
-            term = vals * lp
-            term.masked_fill_(vals == 0, 0)
-            ce = term.sum(1).neg_()
+            xy = xs.gather(1, cols)
             mass = vals.sum(1)
             if ls > 0:
-                smooth = -(buf @ w) if w is not None else -buf.sum(1)
+                wx = xs @ w if w is not None else xs.sum(1)
+
+        # softmax straight into the gradient buffer when it is a plain float view
+        gdst = grad3[p0:p1, :, 0] if need_grad and Q == 1 else None
+        direct = gdst is not None and gdst.dtype == acc and gdst.is_contiguous()
+        p = gdst if direct else torch.empty(xs.shape, dtype=acc, device=dev)
+        torch.softmax(xs, 1, out=p)
+        # lse = x_max - log p_max: p_max >= 1/C never underflows, so this is as exact as max + log(sum(exp))
+        lse = xmax - torch.log(p.amax(1))
+        if lse_out is not None:
+            lse_out[r0:r1] = lse
+
+        if tgt.kind == "probs":
+            ce = lse * mass - qx
+        else:
+            term = vals * (lse.unsqueeze(1) - xy)
+            term.masked_fill_(vals == 0, 0)
+            ce = term.sum(1)
+            if ls > 0:
                 sm_mass = (ls / C) * w_total
+                smooth = lse * w_total - wx
                 if row_valid is not None:
                     smooth = smooth * row_valid
                     sm_mass = sm_mass * row_valid
@@ -151,14 +157,13 @@ def cross_entropy_forward(x3: Tensor, tgt: Target, weight: Optional[Tensor], ign
 
         if not need_grad:
             continue
-        p = buf.exp_()  # softmax
         coef = mass * ce_gscale
         if z_loss:
             zc = (2 * z_loss) * z_gscale * lse
             coef = coef + (zc * row_valid if row_valid is not None else zc)
         p.mul_(coef.unsqueeze(1))
         if tgt.kind == "probs":
-            p.sub_(q.mul_(ce_gscale))
+            p.sub_(q * ce_gscale)  # q may be the caller's target: never in place
         else:
             p.scatter_add_(1, cols, vals.mul(-ce_gscale))
             if ls > 0:
@@ -178,3 +183,14 @@ def cross_entropy_forward(x3: Tensor, tgt: Target, weight: Optional[Tensor], ign
         elif not direct:
             gdst.copy_(p)
     return ce_out, z_out, lse_out, pred_out
+
+
+def _masked_dot(q: Tensor, x: Tensor) -> Tensor:
+    """Row-wise ``sum_c q_c x_c`` with ``0 * -inf = 0`` (a zero target mass on a -inf logit adds nothing)."""
+    prod = q * x
+    dot = prod.sum(1)
+    nan = torch.isnan(dot)
+    if dot.device.type == "cpu" and not bool(nan.any()):
+        return dot
+    fixed = prod.masked_fill_(q == 0, 0).sum(1)
+    return torch.where(nan, fixed, dot)
