@@ -26,7 +26,7 @@ from .torch import acc_dtype
 
 # Elements per chunk: small enough to stay in cache, big enough that the
 # per-op overhead of a dozen torch calls per chunk is amortised.
-CHUNK_ELEMENTS = 1 << 17
+CHUNK_ELEMENTS = 1 << 19
 
 
 def _rows(t3: Tensor, p0: int, p1: int) -> Tensor:
@@ -39,8 +39,8 @@ def _rows(t3: Tensor, p0: int, p1: int) -> Tensor:
 
 def cross_entropy_forward(x3: Tensor, tgt: Target, weight: Optional[Tensor], ignore_index: int,
                           label_smoothing: float, softcap: Optional[float], z_loss: float,
-                          ce_gscale: Tensor, z_gscale: Tensor, grad3: Optional[Tensor], want_predicted: bool, want_lse: bool = True,
-                          chunk_elements: int = CHUNK_ELEMENTS
+                          ce_gscale: Tensor, z_gscale: Tensor, grad3: Optional[Tensor], want_predicted: bool,
+                          chunk_elements: int = 0
                           ) -> Tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]:
     """Per-position ``(ce, z, lse, predicted)`` for logits ``x3`` ``[P, C, Q]``.
 
@@ -54,23 +54,55 @@ def cross_entropy_forward(x3: Tensor, tgt: Target, weight: Optional[Tensor], ign
     dev = x3.device
     ls = float(label_smoothing)
     w = None if weight is None else weight.to(acc)
-    w_total = float(C) if w is None else None  # the weights' sum, as a tensor when weighted
-    if w is not None:
-        w_total = w.sum()
-    ce_out = torch.empty(M, dtype=acc, device=dev)
-    lse_out = torch.empty(M, dtype=acc, device=dev) if want_lse else None
-    z_out = torch.empty(M, dtype=acc, device=dev) if z_loss else None
-    pred_out = torch.empty(M, dtype=torch.long, device=dev) if want_predicted else None
+    w_total = float(C) if w is None else w.sum()
     need_grad = grad3 is not None
+    probs = tgt.kind == "probs"
 
-    if tgt.kind == "index":
-        y_all = tgt.index.reshape(-1)
-    elif tgt.kind == "sparse":
-        k = tgt.sp_index.shape[-1]
-        si_all = tgt.sp_index.reshape(M, k)
-        sv_all = tgt.sp_values.reshape(M, k)
-    slabs = max(1, chunk_elements // max(1, C * Q))
+    # Per-position target terms for all rows at once: O(M k) work, no pass over the logits.
+    row_valid = None
+    if not probs:
+        if tgt.kind == "index":
+            y = tgt.index.reshape(M, 1)
+            valid = y != ignore_index
+            in_range = (y >= 0) & (y < C)
+            vals = valid.to(acc)
+            row_valid = vals.reshape(M)
+            bad = valid & ~in_range
+        else:
+            y = tgt.sp_index.reshape(M, -1)
+            pad = y == ignore_index
+            in_range = (y >= 0) & (y < C)
+            vals = tgt.sp_values.reshape(M, -1).to(acc).masked_fill(pad, 0)
+            bad = ~pad & ~in_range
+        cols = torch.where(in_range, y, torch.zeros_like(y))
+        if w is not None:
+            vals = vals * w[cols]
+        if ls > 0:
+            vals = vals * (1 - ls)
+        vals = vals.masked_fill(bad, float("nan"))  # out of range with checks off: NaN, never a wrong number
+        k = cols.shape[1]
+        xy = x3.gather(1, cols.reshape(P, Q, k).transpose(1, 2)).transpose(1, 2).reshape(M, k).to(acc)
+        if softcap is not None:
+            xy = softcap * torch.tanh(xy / softcap)
+        mass = vals.sum(1)
+        if ls > 0:
+            sm = (ls / C) * w_total
+            mass = mass + (sm * row_valid if row_valid is not None else sm)
+        if need_grad:
+            neg_vals = vals * -ce_gscale
+            if ls > 0:
+                sm_rows = ((ls / C) * ce_gscale).expand(M) if row_valid is None else (ls / C) * ce_gscale * row_valid
+        wx = torch.empty(M, dtype=acc, device=dev) if ls > 0 else None
+    else:
+        mass = torch.empty(M, dtype=acc, device=dev)
+        qx = torch.empty(M, dtype=acc, device=dev)
+    zb = None
+    if need_grad and z_loss:
+        zb = (2 * z_loss) * z_gscale * (row_valid if row_valid is not None else torch.ones(M, dtype=acc, device=dev))
 
+    lse_all = torch.empty(M, dtype=acc, device=dev)
+    pred_out = torch.empty(M, dtype=torch.long, device=dev) if want_predicted else None
+    slabs = max(1, (chunk_elements or CHUNK_ELEMENTS) // max(1, C * Q))
     for p0 in range(0, P, slabs):
         p1 = min(P, p0 + slabs)
         r0, r1 = p0 * Q, p1 * Q
@@ -81,47 +113,21 @@ def cross_entropy_forward(x3: Tensor, tgt: Target, weight: Optional[Tensor], ign
             xs = th * softcap
         else:
             xs = xc
-
         # Every read of the logits comes before the softmax, which may overwrite
         # them (inplace_backward writes the gradient over the logits).
         if want_predicted:
             pred_out[r0:r1] = xs.argmax(1)
         xmax = xs.amax(1)
-        row_valid = None
-        if tgt.kind == "probs":
+        if probs:
             q = _rows(tgt.probs, p0, p1).to(acc)
             if ls > 0:
                 q = q * (1 - ls) + ls / C
             if w is not None:
                 q = q * w
-            qx = _masked_dot(q, xs)
-            mass = q.sum(1)
-        else:
-            if tgt.kind == "index":
-                y = y_all[r0:r1]
-                valid = y != ignore_index
-                in_range = (y >= 0) & (y < C)
-                cols = torch.where(in_range, y, torch.zeros_like(y)).unsqueeze(1)
-                vals = valid.to(acc).unsqueeze(1)
-                if w is not None:
-                    vals = vals * w[cols]
-                vals.masked_fill_((valid & ~in_range).unsqueeze(1), float("nan"))
-                row_valid = valid.to(acc)
-            else:
-                si = si_all[r0:r1]
-                pad = si == ignore_index
-                in_range = (si >= 0) & (si < C)
-                cols = torch.where(in_range, si, torch.zeros_like(si))
-                vals = sv_all[r0:r1].to(acc).masked_fill(pad, 0)
-                vals.masked_fill_(~pad & ~in_range, float("nan"))
-                if w is not None:
-                    vals = vals * w[cols]
-            if ls > 0:
-                vals = vals * (1 - ls)
-            xy = xs.gather(1, cols)
-            mass = vals.sum(1)
-            if ls > 0:
-                wx = xs @ w if w is not None else xs.sum(1)
+            qx[r0:r1] = _masked_dot(q, xs)
+            mass[r0:r1] = q.sum(1)
+        elif wx is not None:
+            wx[r0:r1] = xs @ w if w is not None else xs.sum(1)
 
         # softmax straight into the gradient buffer when it is a plain float view
         gdst = grad3[p0:p1, :, 0] if need_grad and Q == 1 else None
@@ -129,60 +135,44 @@ def cross_entropy_forward(x3: Tensor, tgt: Target, weight: Optional[Tensor], ign
         p = gdst if direct else torch.empty(xs.shape, dtype=acc, device=dev)
         torch.softmax(xs, 1, out=p)
         # lse = x_max - log p_max: p_max >= 1/C never underflows, so this is as exact as max + log(sum(exp))
-        lse = xmax - torch.log(p.amax(1))
-        if lse_out is not None:
-            lse_out[r0:r1] = lse
-
-        if tgt.kind == "probs":
-            ce = lse * mass - qx
-        else:
-            term = vals * (lse.unsqueeze(1) - xy)
-            term.masked_fill_(vals == 0, 0)
-            ce = term.sum(1)
-            if ls > 0:
-                sm_mass = (ls / C) * w_total
-                smooth = lse * w_total - wx
-                if row_valid is not None:
-                    smooth = smooth * row_valid
-                    sm_mass = sm_mass * row_valid
-                ce = ce + (ls / C) * smooth
-                mass = mass + sm_mass
-        ce_out[r0:r1] = ce
-
-        if z_loss:
-            z = z_loss * lse.square()
-            if row_valid is not None:
-                z = z * row_valid
-            z_out[r0:r1] = z
-
+        lse = torch.sub(xmax, torch.log(p.amax(1)), out=lse_all[r0:r1])
         if not need_grad:
             continue
-        coef = mass * ce_gscale
-        if z_loss:
-            zc = (2 * z_loss) * z_gscale * lse
-            coef = coef + (zc * row_valid if row_valid is not None else zc)
+        coef = mass[r0:r1] * ce_gscale
+        if zb is not None:
+            coef = coef + zb[r0:r1] * lse
         p.mul_(coef.unsqueeze(1))
-        if tgt.kind == "probs":
+        if probs:
             p.sub_(q * ce_gscale)  # q may be the caller's target: never in place
         else:
-            p.scatter_add_(1, cols, vals.mul(-ce_gscale))
+            p.scatter_add_(1, cols[r0:r1], neg_vals[r0:r1])
             if ls > 0:
-                rv = (ls / C) * ce_gscale
-                if row_valid is not None:
-                    rv = rv * row_valid
-                else:
-                    rv = rv.expand(p.shape[0])
                 if w is not None:
-                    p.addr_(rv, w, alpha=-1)
+                    p.addr_(sm_rows[r0:r1], w, alpha=-1)
                 else:
-                    p.sub_(rv.unsqueeze(1))
+                    p.sub_(sm_rows[r0:r1].unsqueeze(1))
         if th is not None:
             p.mul_(th.square_().neg_().add_(1))
         if gdst is None:
             grad3[p0:p1].copy_(p.reshape(p1 - p0, Q, C).transpose(1, 2))
         elif not direct:
             gdst.copy_(p)
-    return ce_out, z_out, lse_out, pred_out
+
+    lse = lse_all
+    if probs:
+        ce = lse * mass - qx
+    else:
+        term = vals * (lse.unsqueeze(1) - xy)
+        ce = term.masked_fill_(vals == 0, 0).sum(1)
+        if ls > 0:
+            smooth = lse * w_total - wx
+            ce = ce + (ls / C) * (smooth * row_valid if row_valid is not None else smooth)
+    z = None
+    if z_loss:
+        z = z_loss * lse.square()
+        if row_valid is not None:
+            z = z * row_valid
+    return ce, z, lse, pred_out
 
 
 def _masked_dot(q: Tensor, x: Tensor) -> Tensor:

@@ -1,0 +1,230 @@
+"""Side-by-side benchmarks: each (case, impl) in a fresh process, median time of
+forward+backward, and peak memory beyond the inputs.
+
+Peak memory on CPU: after a warm-up step, the process's high-water mark is
+reset (``/proc/self/clear_refs``) and ``VmHWM`` minus the resident size just
+before the measured step is the peak extra memory. On CUDA:
+``torch.cuda.max_memory_allocated`` minus the allocated bytes before the step.
+
+Used by ``crossent bench`` and by the scripts in ``benchmarks/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+# --------------------------------------------------------------------------- memory
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def machine() -> str:
+    """One line naming the machine: CPU model and cores, or the GPU; torch version."""
+    if torch.cuda.is_available():
+        dev = torch.cuda.get_device_name()
+    else:
+        model = platform.processor() or "cpu"
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("model name"):
+                        model = line.split(":", 1)[1].strip()
+                        break
+        except OSError:
+            pass
+        dev = f"{model}, {os.cpu_count()} cores"
+    return f"{dev}; torch {torch.__version__}; python {platform.python_version()}"
+
+
+# --------------------------------------------------------------------------- cases
+
+
+def _make_step(impl: str, kind: str, N: int, V: int, dtype: torch.dtype, device: str):
+    """Inputs and a forward+backward step for one (impl, target kind)."""
+    import crossent
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x0 = (torch.randn(N, V, generator=g, dtype=torch.float32) * 2).to(device=device, dtype=dtype)
+    if kind == "index":
+        target = torch.randint(0, V, (N,), generator=g).to(device)
+    else:
+        target = torch.softmax(torch.randn(N, V, generator=g) * 2, 1).to(device=device, dtype=dtype)
+    x = x0.clone().requires_grad_(True)
+    inplace = impl.endswith("_inplace")
+    base = impl.removesuffix("_inplace")
+    if base == "torch":
+        fn = F.cross_entropy
+    elif base == "compile":
+        fn = torch.compile(F.cross_entropy)
+    elif base in ("chunked", "triton", "auto"):
+        def fn(a, t):
+            return crossent.cross_entropy(a, t, impl=base, inplace_backward=inplace)
+    elif base == "liger":
+        from liger_kernel.transformers import LigerCrossEntropyLoss  # type: ignore
+
+        fn = LigerCrossEntropyLoss()
+    else:
+        raise ValueError(f"unknown impl {impl!r}")
+
+    def step():
+        if inplace:
+            with torch.no_grad():
+                x.copy_(x0)  # the previous step wrote its gradient over the logits
+        x.grad = None
+        fn(x, target).backward()
+
+    return step, (x, x0, target)
+
+
+def run_worker(impl: str, kind: str, N: int, V: int, dtype: str, device: str, reps: int) -> Dict:
+    torch.manual_seed(0)
+    dt = getattr(torch, dtype)
+    step, keep = _make_step(impl, kind, N, V, dt, device)
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    for _ in range(2):
+        step()
+    sync()
+    times = []
+    for _ in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    keep[0].grad = None
+    gc.collect()
+    if cuda:
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+    else:
+        before = _rss_kb("VmRSS") * 1024
+        ok = _reset_hwm()
+        step()
+        peak = _rss_kb("VmHWM") * 1024 - before if ok else float("nan")
+    return {"impl": impl, "kind": kind, "N": N, "V": V, "dtype": dtype, "device": device,
+            "time_ms": statistics.median(times) * 1e3, "peak_mb": peak / 2**20,
+            "logits_mb": N * V * dt.itemsize / 2**20}
+
+
+def run_case(impl: str, kind: str, N: int, V: int, dtype: str, device: str, reps: int) -> Optional[Dict]:
+    """One measurement in a fresh Python process (no allocator or cache state carried over)."""
+    cmd = [sys.executable, "-m", "crossent.bench", "--worker", impl, kind, str(N), str(V), dtype, device, str(reps)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(f"[{impl} {kind}] failed:\n{proc.stderr[-2000:]}\n")
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def compare(impls: List[str], kinds: List[str], N: int, V: int, dtype: str = "float32", device: str = "cpu",
+            reps: int = 7, baseline: str = "torch", progress: Optional[Callable[[str], None]] = None) -> List[Dict]:
+    """Measure every (kind, impl) and add ratios against ``baseline`` of the same kind."""
+    rows = []
+    for kind in kinds:
+        base = None
+        for impl in impls:
+            if progress:
+                progress(f"{kind} / {impl}")
+            r = run_case(impl, kind, N, V, dtype, device, reps)
+            if r is None:
+                continue
+            if impl == baseline:
+                base = r
+            rows.append(r)
+        for r in rows:
+            if r["kind"] == kind and base is not None:
+                r["time_ratio"] = r["time_ms"] / base["time_ms"]
+                r["mem_ratio"] = r["peak_mb"] / base["peak_mb"] if base["peak_mb"] > 0 else float("nan")
+    return rows
+
+
+def write_csv(rows: List[Dict], path: str) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    fields = ["kind", "impl", "N", "V", "dtype", "device", "time_ms", "peak_mb", "time_ratio", "mem_ratio",
+              "logits_mb", "machine", "date"]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({**{k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()},
+                        "machine": machine(), "date": stamp})
+
+
+def print_table(rows: List[Dict], title: str) -> None:
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # rich is an extra: fall back to plain text
+        for r in rows:
+            print(r)
+        return
+    t = Table(title=title)
+    for col in ("target", "impl", "time ms", "x torch", "peak extra MB", "x torch"):
+        t.add_column(col, justify="right" if col not in ("target", "impl") else "left")
+    for r in rows:
+        t.add_row(r["kind"], r["impl"], f"{r['time_ms']:.1f}", f"{r.get('time_ratio', float('nan')):.2f}",
+                  f"{r['peak_mb']:.0f}", f"{r.get('mem_ratio', float('nan')):.2f}")
+    Console().print(t)
+    Console().print(f"machine: {machine()}")
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    ap = argparse.ArgumentParser(prog="crossent bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--worker", nargs=7, help=argparse.SUPPRESS)
+    ap.add_argument("--N", type=int, default=4096)
+    ap.add_argument("--V", type=int, default=32000)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--impls", default="torch,compile,auto,auto_inplace")
+    ap.add_argument("--kinds", default="index,probs")
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--csv", default=None, help="write the rows to this CSV file")
+    a = ap.parse_args(argv)
+    if a.worker:
+        impl, kind, N, V, dtype, device, reps = a.worker
+        print(json.dumps(run_worker(impl, kind, int(N), int(V), dtype, device, int(reps))))
+        return
+    rows = compare(a.impls.split(","), a.kinds.split(","), a.N, a.V, a.dtype, a.device, a.reps,
+                   progress=lambda s: print(f"measuring {s} ...", file=sys.stderr, flush=True))
+    print_table(rows, f"cross_entropy forward+backward, [{a.N}, {a.V}] {a.dtype} on {a.device}")
+    if a.csv:
+        write_csv(rows, a.csv)
+
+
+if __name__ == "__main__":
+    main()
