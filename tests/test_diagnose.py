@@ -55,3 +55,9 @@ def test_misplaced_class_dim():
 def test_never_raises():
     assert crossent.diagnose(torch.tensor([1, 2]), torch.tensor([0]))
     assert crossent.diagnose(torch.randn(2, 3), "nonsense")
+
+
+def test_weighted_float_one_hot_reads_as_probs():
+    oh = torch.eye(3)[torch.tensor([0, 1, 2, 2])]
+    assert has(crossent.diagnose(torch.randn(4, 3), oh, weight=torch.rand(3)), "target_format='one_hot'")
+    assert not has(crossent.diagnose(torch.randn(4, 3), oh), "target_format='one_hot'")

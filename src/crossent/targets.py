@@ -438,6 +438,12 @@ def diagnose(input: Tensor, target, weight: Optional[Tensor] = None, ignore_inde
                 findings.append(
                     f"target holds labels up to {int(target.max())} but the input has only {C} classes "
                     f"(valid labels 0..{C - 1}): check the model's output size or the label encoding")
+        if tgt is not None and tgt.kind == "probs" and weight is not None and tgt.probs.numel() \
+                and bool(((tgt.probs == 0) | (tgt.probs == 1)).all()) and bool((tgt.probs.sum(1) == 1).all()):
+            findings.append(
+                "the float target rows are one-hot, so they are read as probabilities (PyTorch's rule), whose "
+                "weighted 'mean' divides by the number of positions, not by the summed class weights as for "
+                "class indices: pass target_format='one_hot' (or target.argmax(dim)) for index semantics")
         if tgt is not None and tgt.kind == "probs":
             sums = tgt.probs.double().sum(1).reshape(-1)
             off = (sums - 1).abs() > 1e-3
