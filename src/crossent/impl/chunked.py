@@ -103,14 +103,22 @@ def cross_entropy_forward(x3: Tensor, tgt: Target, weight: Optional[Tensor], ign
     lse_all = torch.empty(M, dtype=acc, device=dev)
     pred_out = torch.empty(M, dtype=torch.long, device=dev) if want_predicted else None
     slabs = max(1, (chunk_elements or CHUNK_ELEMENTS) // max(1, C * Q))
+    rows = min(slabs, P) * Q
+    # Scratch buffers, allocated once: a fresh multi-MB temporary per chunk costs page faults.
+    scratch = _Scratch(rows, C, acc, dev)
+    # On CPU the gradient scale is read once (no device sync there) to fuse it into the ops.
+    g = float(ce_gscale) if dev.type == "cpu" else ce_gscale
     for p0 in range(0, P, slabs):
         p1 = min(P, p0 + slabs)
         r0, r1 = p0 * Q, p1 * Q
-        xc = _rows(x3, p0, p1).to(acc)
+        n = r1 - r0
+        xc = _rows(x3, p0, p1)
+        if xc.dtype != acc or not xc.is_contiguous():
+            xc = scratch.get("x", n).copy_(xc)
         th = None
         if softcap is not None:
-            th = torch.tanh(xc / softcap)
-            xs = th * softcap
+            th = torch.div(xc, softcap, out=scratch.get("th", n)).tanh_()
+            xs = torch.mul(th, softcap, out=scratch.get("xs", n))
         else:
             xs = xc
         # Every read of the logits comes before the softmax, which may overwrite
@@ -119,12 +127,14 @@ def cross_entropy_forward(x3: Tensor, tgt: Target, weight: Optional[Tensor], ign
             pred_out[r0:r1] = xs.argmax(1)
         xmax = xs.amax(1)
         if probs:
-            q = _rows(tgt.probs, p0, p1).to(acc)
-            if ls > 0:
-                q = q * (1 - ls) + ls / C
-            if w is not None:
-                q = q * w
-            qx[r0:r1] = _masked_dot(q, xs)
+            q = _rows(tgt.probs, p0, p1)
+            if ls > 0 or w is not None or q.dtype != acc:
+                q = scratch.get("q", n).copy_(q)
+                if ls > 0:
+                    q.mul_(1 - ls).add_(ls / C)
+                if w is not None:
+                    q.mul_(w)
+            qx[r0:r1] = _masked_dot(q, xs, scratch.get("tmp", n))
             mass[r0:r1] = q.sum(1)
         elif wx is not None:
             wx[r0:r1] = xs @ w if w is not None else xs.sum(1)
@@ -132,18 +142,21 @@ def cross_entropy_forward(x3: Tensor, tgt: Target, weight: Optional[Tensor], ign
         # softmax straight into the gradient buffer when it is a plain float view
         gdst = grad3[p0:p1, :, 0] if need_grad and Q == 1 else None
         direct = gdst is not None and gdst.dtype == acc and gdst.is_contiguous()
-        p = gdst if direct else torch.empty(xs.shape, dtype=acc, device=dev)
+        p = gdst if direct else scratch.get("p", n)
         torch.softmax(xs, 1, out=p)
         # lse = x_max - log p_max: p_max >= 1/C never underflows, so this is as exact as max + log(sum(exp))
         lse = torch.sub(xmax, torch.log(p.amax(1)), out=lse_all[r0:r1])
         if not need_grad:
             continue
-        coef = mass[r0:r1] * ce_gscale
+        coef = mass[r0:r1] * g
         if zb is not None:
             coef = coef + zb[r0:r1] * lse
         p.mul_(coef.unsqueeze(1))
-        if probs:
-            p.sub_(q * ce_gscale)  # q may be the caller's target: never in place
+        if probs:  # q may be the caller's target: never changed in place
+            if isinstance(g, float):
+                p.sub_(q, alpha=g)
+            else:
+                p.sub_(torch.mul(q, g, out=scratch.get("tmp", n)))
         else:
             p.scatter_add_(1, cols[r0:r1], neg_vals[r0:r1])
             if ls > 0:
@@ -175,12 +188,27 @@ def cross_entropy_forward(x3: Tensor, tgt: Target, weight: Optional[Tensor], ign
     return ce, z, lse, pred_out
 
 
-def _masked_dot(q: Tensor, x: Tensor) -> Tensor:
+def _masked_dot(q: Tensor, x: Tensor, tmp: Tensor) -> Tensor:
     """Row-wise ``sum_c q_c x_c`` with ``0 * -inf = 0`` (a zero target mass on a -inf logit adds nothing)."""
-    prod = q * x
+    prod = torch.mul(q, x, out=tmp)
     dot = prod.sum(1)
     nan = torch.isnan(dot)
     if dot.device.type == "cpu" and not bool(nan.any()):
         return dot
     fixed = prod.masked_fill_(q == 0, 0).sum(1)
     return torch.where(nan, fixed, dot)
+
+
+class _Scratch:
+    """Named ``[rows, C]`` buffers, made on first use and reused for every chunk."""
+
+    def __init__(self, rows: int, C: int, dtype: torch.dtype, device: torch.device):
+        self.shape = (rows, C)
+        self.dtype, self.device = dtype, device
+        self.bufs = {}
+
+    def get(self, name: str, n: int) -> Tensor:
+        buf = self.bufs.get(name)
+        if buf is None:
+            buf = self.bufs[name] = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        return buf[:n]

@@ -30,6 +30,45 @@ def keep_graph() -> bool:
         return True
 
 
+_HUGE_MIN_BYTES = 64 << 20
+
+
+def _advise_huge_pages(t: Tensor) -> None:
+    """Ask Linux for transparent huge pages on a large fresh CPU buffer.
+
+    A new ``[N, C]`` gradient is first touched page by page; with 4 KiB pages
+    those faults cost as much as the softmax itself. Where THP is in
+    ``madvise`` mode, 2 MiB pages cut them 512-fold. Harmless elsewhere.
+    """
+    if t.device.type != "cpu" or t.numel() * t.element_size() < _HUGE_MIN_BYTES or not _libc():
+        return
+    huge = 2 << 20
+    start = (t.data_ptr() + huge - 1) // huge * huge
+    end = (t.data_ptr() + t.numel() * t.element_size()) // huge * huge
+    if end > start:
+        _libc().madvise(start, end - start, 14)  # MADV_HUGEPAGE
+
+
+_LIBC = []
+
+
+def _libc():
+    if not _LIBC:
+        lib = None
+        try:
+            import ctypes
+            import sys
+
+            if sys.platform.startswith("linux"):
+                lib = ctypes.CDLL(None, use_errno=True)
+                lib.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+                lib.madvise.restype = ctypes.c_int
+        except (OSError, AttributeError):
+            lib = None
+        _LIBC.append(lib)
+    return _LIBC[0]
+
+
 @dataclass
 class FusedCall:
     """Everything the fused forward needs besides the logits."""
@@ -55,6 +94,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
                 grad, grad3 = input.detach(), x3  # x3 is a view of the input: write the gradient over it
             else:
                 grad = torch.empty(input.shape, dtype=input.dtype, device=input.device)
+                _advise_huge_pages(grad)
                 grad3 = grad.view(call.shape3)
         ce, z, lse, pred = call.kernel(x3, grad3)
         loss = reduce_rows(ce, z, call.reduction, call.ce_denom, call.z_denom, call.pos_shape, input.dtype)
