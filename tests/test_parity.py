@@ -48,7 +48,7 @@ def problems(draw, dtypes=(torch.float64, torch.float32, torch.float16)):
             t = torch.where(mask, torch.full_like(t, ignore_index), t)
         if ignore_index < 0 and draw(st.booleans()):
             pass
-        itype = draw(st.sampled_from([torch.int64, torch.int32, torch.uint8]))
+        itype = draw(st.sampled_from([torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8]))
         if itype == torch.uint8 and ignore_index < 0:
             itype = torch.int64
         t = t.to(itype)
