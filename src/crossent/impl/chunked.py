@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ..targets import Target
+from ._terms import sparse_terms
 from .torch import acc_dtype
 
 # Elements per chunk: small enough to stay in cache, big enough that the
@@ -61,25 +62,7 @@ def cross_entropy_forward(x3: Tensor, tgt: Target, weight: Optional[Tensor], ign
     # Per-position target terms for all rows at once: O(M k) work, no pass over the logits.
     row_valid = None
     if not probs:
-        if tgt.kind == "index":
-            y = tgt.index.reshape(M, 1)
-            valid = y != ignore_index
-            in_range = (y >= 0) & (y < C)
-            vals = valid.to(acc)
-            row_valid = vals.reshape(M)
-            bad = valid & ~in_range
-        else:
-            y = tgt.sp_index.reshape(M, -1)
-            pad = y == ignore_index
-            in_range = (y >= 0) & (y < C)
-            vals = tgt.sp_values.reshape(M, -1).to(acc).masked_fill(pad, 0)
-            bad = ~pad & ~in_range
-        cols = torch.where(in_range, y, torch.zeros_like(y))
-        if w is not None:
-            vals = vals * w[cols]
-        if ls > 0:
-            vals = vals * (1 - ls)
-        vals = vals.masked_fill(bad, float("nan"))  # out of range with checks off: NaN, never a wrong number
+        cols, vals, row_valid = sparse_terms(tgt, w, ls, ignore_index, C, acc)
         k = cols.shape[1]
         xy = x3.gather(1, cols.reshape(P, Q, k).transpose(1, 2)).transpose(1, 2).reshape(M, k).to(acc)
         if softcap is not None:
@@ -92,15 +75,18 @@ def cross_entropy_forward(x3: Tensor, tgt: Target, weight: Optional[Tensor], ign
             neg_vals = vals * -ce_gscale
             if ls > 0:
                 sm_rows = ((ls / C) * ce_gscale).expand(M) if row_valid is None else (ls / C) * ce_gscale * row_valid
-        wx = torch.empty(M, dtype=acc, device=dev) if ls > 0 else None
+        wd = torch.empty(M, dtype=acc, device=dev) if ls > 0 else None
     else:
         mass = torch.empty(M, dtype=acc, device=dev)
-        qx = torch.empty(M, dtype=acc, device=dev)
+        qd = torch.empty(M, dtype=acc, device=dev)
     zb = None
     if need_grad and z_loss:
         zb = (2 * z_loss) * z_gscale * (row_valid if row_valid is not None else torch.ones(M, dtype=acc, device=dev))
 
-    lse_all = torch.empty(M, dtype=acc, device=dev)
+    # Losses are formed as sums of (x_max - x) >= 0 plus log(sum exp(x - x_max)), like
+    # PyTorch's log_softmax: no cancellation between a large lse and a large logit.
+    xmax_all = torch.empty(M, dtype=acc, device=dev)
+    logs_all = torch.empty(M, dtype=acc, device=dev)
     pred_out = torch.empty(M, dtype=torch.long, device=dev) if want_predicted else None
     slabs = max(1, (chunk_elements or CHUNK_ELEMENTS) // max(1, C * Q))
     rows = min(slabs, P) * Q
@@ -125,7 +111,9 @@ def cross_entropy_forward(x3: Tensor, tgt: Target, weight: Optional[Tensor], ign
         # them (inplace_backward writes the gradient over the logits).
         if want_predicted:
             pred_out[r0:r1] = xs.argmax(1)
-        xmax = xs.amax(1)
+        xmax = torch.amax(xs, 1, out=xmax_all[r0:r1])
+        if probs or wd is not None:
+            d = torch.sub(xmax.unsqueeze(1), xs, out=scratch.get("tmp", n))  # x_max - x >= 0
         if probs:
             q = _rows(tgt.probs, p0, p1)
             if ls > 0 or w is not None or q.dtype != acc:
@@ -134,20 +122,21 @@ def cross_entropy_forward(x3: Tensor, tgt: Target, weight: Optional[Tensor], ign
                     q.mul_(1 - ls).add_(ls / C)
                 if w is not None:
                     q.mul_(w)
-            qx[r0:r1] = _masked_dot(q, xs, scratch.get("tmp", n))
+            qd[r0:r1] = _masked_dot(q, d)
             mass[r0:r1] = q.sum(1)
-        elif wx is not None:
-            wx[r0:r1] = xs @ w if w is not None else xs.sum(1)
+        elif wd is not None:
+            wd[r0:r1] = d @ w if w is not None else d.sum(1)
 
         # softmax straight into the gradient buffer when it is a plain float view
         gdst = grad3[p0:p1, :, 0] if need_grad and Q == 1 else None
         direct = gdst is not None and gdst.dtype == acc and gdst.is_contiguous()
         p = gdst if direct else scratch.get("p", n)
         torch.softmax(xs, 1, out=p)
-        # lse = x_max - log p_max: p_max >= 1/C never underflows, so this is as exact as max + log(sum(exp))
-        lse = torch.sub(xmax, torch.log(p.amax(1)), out=lse_all[r0:r1])
+        # log(sum exp(x - x_max)) = -log p_max: p_max >= 1/C never underflows, so this is exact
+        logs = torch.neg(torch.log(p.amax(1)), out=logs_all[r0:r1])
         if not need_grad:
             continue
+        lse = xmax + logs
         coef = mass[r0:r1] * g
         if zb is not None:
             coef = coef + zb[r0:r1] * lse
@@ -171,14 +160,15 @@ def cross_entropy_forward(x3: Tensor, tgt: Target, weight: Optional[Tensor], ign
         elif not direct:
             gdst.copy_(p)
 
-    lse = lse_all
+    logs = logs_all
+    lse = xmax_all + logs
     if probs:
-        ce = lse * mass - qx
+        ce = mass * logs + qd
     else:
-        term = vals * (lse.unsqueeze(1) - xy)
+        term = vals * ((xmax_all.unsqueeze(1) - xy) + logs.unsqueeze(1))
         ce = term.masked_fill_(vals == 0, 0).sum(1)
         if ls > 0:
-            smooth = lse * w_total - wx
+            smooth = w_total * logs + wd
             ce = ce + (ls / C) * (smooth * row_valid if row_valid is not None else smooth)
     z = None
     if z_loss:
@@ -188,9 +178,10 @@ def cross_entropy_forward(x3: Tensor, tgt: Target, weight: Optional[Tensor], ign
     return ce, z, lse, pred_out
 
 
-def _masked_dot(q: Tensor, x: Tensor, tmp: Tensor) -> Tensor:
-    """Row-wise ``sum_c q_c x_c`` with ``0 * -inf = 0`` (a zero target mass on a -inf logit adds nothing)."""
-    prod = torch.mul(q, x, out=tmp)
+def _masked_dot(q: Tensor, d: Tensor) -> Tensor:
+    """Row-wise ``sum_c q_c d_c``, in place in ``d``, with ``0 * inf = 0`` (a zero target mass on a -inf
+    logit adds nothing)."""
+    prod = d.mul_(q)
     dot = prod.sum(1)
     nan = torch.isnan(dot)
     if dot.device.type == "cpu" and not bool(nan.any()):

@@ -1,6 +1,5 @@
 """Triton kernels (GPU; CPU under ``TRITON_INTERPRET=1``)."""
 
+from .cross_entropy import cross_entropy_forward
 
-def cross_entropy_forward(*args, **kwargs):
-    raise ValueError("impl='triton' is not available yet in this version of crossent; use impl='chunked' "
-                     "(any device) or impl='auto'")
+__all__ = ["cross_entropy_forward"]

@@ -1,0 +1,172 @@
+"""Triton kernels for cross-entropy (``@triton.jit`` only; launchers live in
+:mod:`crossent.impl.triton.cross_entropy`).
+
+One program per position (row). Pass 1 streams the row's class tiles once:
+online max / sum-exp (the log-sum-exp), the running argmax, and the dot
+products the loss needs. Pass 2 (only when a gradient is wanted) re-reads the
+row (from L2 on a GPU) and writes ``coef * softmax - target mass`` for every
+class; the k target classes are then rewritten from values kept in
+registers, so their gradient is formed in float32 and rounded once. The
+gradient may alias the logits (``inplace_backward``): every logit a later
+step needs is read before it is overwritten. All offsets are int64.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tanh(u):
+    """tanh in float32 from exp (libdevice is not available in the interpreter)."""
+    a = tl.abs(u)
+    e = tl.exp(-2.0 * a)
+    big = (1.0 - e) / (1.0 + e)
+    u2 = a * a
+    small = a * (1.0 + u2 * (-1.0 / 3.0 + u2 * (2.0 / 15.0 + u2 * (-17.0 / 315.0))))
+    t = tl.where(a < 0.125, small, big)
+    return tl.where(u < 0, -t, t)
+
+
+@triton.jit
+def ce_fwd_kernel(
+    X, sxp, sxc, sxq,  # logits viewed as [P, C, Q]
+    G, sgp, sgc, sgq,  # gradient out, same view (may alias X)
+    PROB, spp, spc, spq,  # probability targets [P, C, Q]
+    IDX, VAL, K,  # sparse-like targets: [M, K] classes and masses
+    RV,  # [M] 1/0 row validity (index targets)
+    W, WSUM,  # class weights [C] and their sum (a 1-element tensor)
+    CE_G, Z_G,  # 1-element tensors: gradient scales of the CE and z-loss sums
+    CE, Z, LSE, PRED,  # per-position outputs [M]
+    Q, C, ls, softcap, z_loss,
+    IS_PROBS: tl.constexpr, HAS_W: tl.constexpr, HAS_RV: tl.constexpr, HAS_LS: tl.constexpr,
+    HAS_CAP: tl.constexpr, HAS_Z: tl.constexpr, WANT_GRAD: tl.constexpr, WANT_PRED: tl.constexpr,
+    KP: tl.constexpr, BLOCK: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64)
+    p = r // Q
+    q = r % Q
+    xrow = X + p * sxp + q * sxq
+    prow = PROB + p * spp + q * spq
+    inv_c = 1.0 / C
+
+    m = tl.zeros([], dtype=tl.float32) - float("inf")
+    s = tl.zeros([], dtype=tl.float32)
+    best = tl.zeros([], dtype=tl.float32) - float("inf")
+    besti = tl.zeros([], dtype=tl.int64)
+    # Sums of w_c (m - x_c) and q_c (m - x_c) against the running max m (as PyTorch's
+    # log_softmax does): non-negative terms, no cancellation between lse and x.
+    wd = tl.zeros([], dtype=tl.float32)
+    ws = tl.zeros([], dtype=tl.float32)
+    qd = tl.zeros([], dtype=tl.float32)
+    qs = tl.zeros([], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK):
+        offs = c0 + tl.arange(0, BLOCK).to(tl.int64)
+        mask = offs < C
+        x = tl.load(xrow + offs * sxc, mask=mask, other=float("-inf")).to(tl.float32)
+        if HAS_CAP:
+            x = tl.where(mask, softcap * _tanh(x / softcap), float("-inf"))
+        tmax = tl.max(x, 0)
+        if WANT_PRED:
+            ti = tl.argmax(x, 0).to(tl.int64) + c0
+            besti = tl.where(tmax > best, ti, besti)
+            best = tl.maximum(best, tmax)
+        m_new = tl.maximum(m, tmax)
+        m_old = tl.where(m == float("-inf"), 0.0, m)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(x - m_ref), 0)
+        m = m_new
+        shift = m_ref - m_old
+        dx = m_ref - x
+        if HAS_W:
+            wc = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
+        else:
+            wc = tl.where(mask, 1.0, 0.0)
+        if IS_PROBS:
+            t = tl.load(prow + offs * spc, mask=mask, other=0.0).to(tl.float32)
+            if HAS_LS:
+                t = t * (1.0 - ls) + ls * inv_c
+            qc = tl.where(mask, t * wc, 0.0)
+            qd += tl.where(qs == 0.0, 0.0, qs * shift) + tl.sum(tl.where(qc == 0.0, 0.0, qc * dx), 0)
+            qs += tl.sum(qc, 0)
+        elif HAS_LS:
+            wd += tl.where(ws == 0.0, 0.0, ws * shift) + tl.sum(tl.where(wc == 0.0, 0.0, wc * dx), 0)
+            ws += tl.sum(wc, 0)
+    logs = tl.log(s)
+    lse = m + logs
+
+    rv = 1.0
+    if HAS_RV:
+        rv = tl.load(RV + r).to(tl.float32)
+    wsum = C * 1.0
+    if HAS_W:
+        wsum = tl.load(WSUM).to(tl.float32)
+    kk = tl.arange(0, KP)
+    kmask = kk < K
+    if IS_PROBS:
+        ce = qs * logs + qd
+        mass = qs
+    else:
+        cols = tl.load(IDX + r * K + kk, mask=kmask, other=0).to(tl.int64)
+        vals = tl.load(VAL + r * K + kk, mask=kmask, other=0.0).to(tl.float32)
+        xy = tl.load(xrow + cols * sxc, mask=kmask, other=0.0).to(tl.float32)  # read before any overwrite
+        thy = xy
+        if HAS_CAP:
+            thy = _tanh(xy / softcap)
+            xy = softcap * thy
+        ce = tl.sum(tl.where(vals == 0.0, 0.0, vals * ((m - xy) + logs)), 0)
+        mass = tl.sum(vals, 0)
+        if HAS_LS:
+            ce += ls * inv_c * (wsum * logs + wd) * rv
+            mass += ls * inv_c * wsum * rv
+    tl.store(CE + r, ce)
+    tl.store(LSE + r, lse)
+    if HAS_Z:
+        tl.store(Z + r, z_loss * lse * lse * rv)
+    if WANT_PRED:
+        tl.store(PRED + r, besti)
+
+    if WANT_GRAD:
+        g = tl.load(CE_G).to(tl.float32)
+        coef = mass * g
+        if HAS_Z:
+            coef += 2.0 * z_loss * tl.load(Z_G).to(tl.float32) * lse * rv
+        sm = ls * inv_c * g * rv  # label-smoothing mass per unit weight (index / sparse targets)
+        grow = G + p * sgp + q * sgq
+        for c0 in range(0, C, BLOCK):
+            offs = c0 + tl.arange(0, BLOCK).to(tl.int64)
+            mask = offs < C
+            x = tl.load(xrow + offs * sxc, mask=mask, other=0.0).to(tl.float32)
+            if HAS_CAP:
+                th = _tanh(x / softcap)
+                x = softcap * th
+            gr = coef * tl.exp((x - m) - logs)
+            if HAS_W:
+                wc = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
+            else:
+                wc = tl.where(mask, 1.0, 0.0)
+            if IS_PROBS:
+                t = tl.load(prow + offs * spc, mask=mask, other=0.0).to(tl.float32)
+                if HAS_LS:
+                    t = t * (1.0 - ls) + ls * inv_c
+                gr -= g * t * wc
+            elif HAS_LS:
+                gr -= sm * wc
+            if HAS_CAP:
+                gr *= 1.0 - th * th
+            tl.store(grow + offs * sgc, gr.to(G.dtype.element_ty), mask=mask)
+        if not IS_PROBS:
+            # Rewrite the k target classes in float32: coef * p - (sum of the masses at that class + smoothing).
+            tl.debug_barrier()
+            same = cols[:, None] == cols[None, :]
+            tot = tl.sum(tl.where(same & kmask[None, :], vals[None, :], 0.0), 1)
+            gy = coef * tl.exp((xy - m) - logs) - g * tot
+            if HAS_LS:
+                if HAS_W:
+                    wy = tl.load(W + cols, mask=kmask, other=0.0).to(tl.float32)
+                else:
+                    wy = tl.where(kmask, 1.0, 0.0)
+                gy -= sm * wy
+            if HAS_CAP:
+                gy *= 1.0 - thy * thy
+            tl.store(grow + cols * sgc, gy.to(G.dtype.element_ty), mask=kmask)
+
