@@ -137,6 +137,8 @@ def run_worker(impl: str, kind: str, N: int, V: int, dtype: str, device: str, re
         peak = _rss_kb("VmHWM") * 1024 - before if ok else float("nan")
     return {"impl": impl, "kind": kind, "N": N, "V": V, "dtype": dtype, "device": device,
             "time_ms": statistics.median(times) * 1e3, "peak_mb": peak / 2**20,
+            # achieved bandwidth counting one read of the logits and one write of the gradient
+            "gbps": 2 * N * V * dt.itemsize / statistics.median(times) / 1e9,
             "logits_mb": N * V * dt.itemsize / 2**20}
 
 
@@ -175,7 +177,7 @@ def compare(impls: List[str], kinds: List[str], N: int, V: int, dtype: str = "fl
 def write_csv(rows: List[Dict], path: str) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    fields = ["kind", "impl", "N", "V", "dtype", "device", "time_ms", "peak_mb", "time_ratio", "mem_ratio",
+    fields = ["kind", "impl", "N", "V", "dtype", "device", "time_ms", "gbps", "peak_mb", "time_ratio", "mem_ratio",
               "logits_mb", "machine", "date"]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")

@@ -1,0 +1,89 @@
+"""GPU checks (skipped without CUDA): the triton impl against a float64 oracle
+in bfloat16, float16 and float32, no host sync with checks off, large shapes."""
+
+import pytest
+import torch
+
+import crossent
+from oracle import assert_no_worse, loss_and_grad, torch_loss
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("kind", ["index", "probs", "sparse"])
+@pytest.mark.parametrize("C", [3, 507, 4097, 32000])
+def test_triton_no_worse_than_torch(dtype, kind, C):
+    g = torch.Generator().manual_seed(C)
+    x = (torch.randn(257, C, generator=g) * 4).cuda()
+    if kind == "index":
+        t = torch.randint(0, C, (257,), generator=g).cuda()
+        t[::7] = -100
+        t_exact = t
+    elif kind == "probs":
+        t = torch.softmax(torch.randn(257, C, generator=g).cuda() * 3, 1)
+        t_exact = t.double()
+        t = t.to(dtype)
+    else:
+        k = min(8, C)
+        idx = torch.randint(0, C, (257, k), generator=g).cuda()
+        val = torch.rand(257, k, generator=g).cuda()
+        t = crossent.SparseTarget(idx, val)
+        t_exact = t.to_dense(C).double()
+    w = (torch.rand(C, generator=g) + 0.1).cuda()
+    kw = dict(label_smoothing=0.1, weight=w)
+    xd = x.to(dtype)
+    lo, go = loss_and_grad(lambda a: crossent.cross_entropy(a, t, impl="triton", **kw), xd)
+    tt = t if kind != "sparse" else t.to_dense(C).to(dtype)
+    lt, gt = loss_and_grad(lambda a: torch_loss(a, tt, **kw), xd)
+    le, ge = loss_and_grad(lambda a: torch_loss(a, t_exact, w.double(), label_smoothing=0.1), xd.double())
+    assert_no_worse(lo, lt, le, dtype, "loss")
+    assert_no_worse(go, gt, ge, dtype, "grad")
+
+
+@cuda
+def test_no_host_sync_with_checks_off():
+    x = torch.randn(512, 1000, device="cuda", requires_grad=True)
+    t = torch.randint(0, 1000, (512,), device="cuda")
+    prev = crossent.set_checks(False)
+    try:
+        crossent.cross_entropy(x, t, impl="triton").backward()  # compile first
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            loss = crossent.cross_entropy(x, t, impl="triton", z_loss=1e-4, label_smoothing=0.1)
+            loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    finally:
+        crossent.set_checks(prev)
+
+
+@cuda
+def test_out_of_range_with_checks_off_is_nan_not_device_assert():
+    prev = crossent.set_checks(False)
+    try:
+        loss = crossent.cross_entropy(torch.randn(3, 5, device="cuda"), torch.tensor([0, 9, 1], device="cuda"),
+                                      reduction="none", impl="triton")
+        assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all()
+    finally:
+        crossent.set_checks(prev)
+
+
+@cuda
+def test_int64_offsets_past_2_31():
+    N, C = 16400, 131072  # N*C > 2**31
+    x = torch.randn(N, C, device="cuda", dtype=torch.bfloat16)
+    t = torch.randint(0, C, (N,), device="cuda")
+    a = crossent.cross_entropy(x, t, impl="triton", reduction="none")
+    b = torch.nn.functional.cross_entropy(x.float(), t, reduction="none")
+    assert torch.allclose(a.float(), b, atol=2e-2)
+    del x
+
+
+@cuda
+def test_auto_picks_triton_on_cuda():
+    from crossent.functional import resolve_impl
+
+    assert resolve_impl("auto", torch.device("cuda")) == "triton"
