@@ -37,7 +37,7 @@ def torch_loss(x, target, weight=None, ignore_index=-100, reduction="mean", labe
         elif num_items is not None or reduction == "sum":
             loss = loss + z.sum()
         else:
-            loss = loss + z.sum() / valid.sum()
+            loss = loss + z.sum() / valid.sum().clamp(min=1)  # all ignored: the CE part is NaN already
     if num_items is not None:
         loss = loss / num_items
     return loss

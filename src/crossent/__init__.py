@@ -1,11 +1,11 @@
 """crossent: a drop-in cross-entropy for PyTorch that takes every target
 encoding, explains misuse, and runs fused (less memory, less time)."""
 
-from .functional import cross_entropy
-from .modules import CrossEntropyLoss
+from .functional import cross_entropy, linear_cross_entropy
+from .modules import CrossEntropyLoss, LinearCrossEntropyLoss
 from .targets import SparseTarget, checks_enabled, diagnose, set_checks
 
 __version__ = "0.1.0"
 
-__all__ = ["cross_entropy", "CrossEntropyLoss", "SparseTarget", "diagnose", "set_checks", "checks_enabled",
+__all__ = ["cross_entropy", "linear_cross_entropy", "CrossEntropyLoss", "LinearCrossEntropyLoss", "SparseTarget", "diagnose", "set_checks", "checks_enabled",
            "__version__"]

@@ -13,11 +13,12 @@ from torch import Tensor
 from . import _reduce
 from .impl import chunked as _chunked
 from .impl import torch as _ref
-from .ops import fused_cross_entropy
+from .ops import fused_cross_entropy, fused_linear_cross_entropy
 from .ops.cross_entropy import FusedCall
-from .targets import Target, check_after, class_dim, normalize_target
+from .ops.linear import LinearCall
+from .targets import SparseTarget, Target, check_after, class_dim, normalize_target
 
-__all__ = ["cross_entropy"]
+__all__ = ["cross_entropy", "linear_cross_entropy"]
 
 IMPLS = ("auto", "torch", "chunked", "triton")
 
@@ -226,3 +227,162 @@ def cross_entropy(input: Tensor, target, weight: Optional[Tensor] = None, ignore
 def _run_kernel(kernel_fn, tgt: Target, w, ignore_index, ls, softcap, z_loss, ce_g, z_g, want_pred, x3, grad3):
     return kernel_fn(x3, tgt, w, ignore_index, ls, softcap, z_loss, ce_g, z_g, grad3, want_pred)
 
+
+
+class _Like:
+    """Shape and device of logits that are never built (for target normalisation)."""
+
+    def __init__(self, shape, device):
+        self.shape, self.device = torch.Size(shape), device
+
+
+def _shift_sparse(target):
+    """A SparseTarget's labels for position t are at t + 1 (the positions' last dim)."""
+    if isinstance(target, SparseTarget):
+        return SparseTarget(target.indices[..., 1:, :], target.values[..., 1:, :])
+    return target
+
+
+def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target, linear_bias: Optional[Tensor] = None,
+                         weight: Optional[Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
+                         label_smoothing: float = 0.0, *, shift: bool = False, target_format: str = "auto",
+                         z_loss: float = 0.0, softcap: Optional[float] = None, num_items=None, impl: str = "auto",
+                         chunk_size: Optional[int] = None, process_group=None, return_extras: bool = False):
+    r"""``cross_entropy(input @ linear_weight.T + linear_bias, target, ...)`` without ever holding
+    the ``[N, V]`` logits: the loss of a large-vocabulary model's output layer.
+
+    The math is that of :func:`crossent.cross_entropy` (classes last) on the
+    logits :math:`z = x W^\top + b`. The fused impls go through the positions
+    in chunks of rows: each chunk's logits exist only while its loss and
+    gradients are formed; the input, weight and bias gradients accumulate in
+    float32. Memory beyond the inputs is one chunk of logits plus the
+    gradients themselves.
+
+    Args:
+        input (Tensor): hidden states ``[..., H]``.
+        linear_weight (Tensor): output projection ``[V, H]`` (same dtype and device).
+        target (Tensor or SparseTarget): class indices ``[...]`` (any integer
+            dtype), a :class:`SparseTarget` ``[..., k]`` (a teacher's top-k:
+            distillation without the teacher's logits), or dense probabilities
+            ``[..., V]`` (the one format that costs ``[N, V]`` memory).
+        linear_bias (Tensor, optional): ``[V]``. Default: ``None``.
+        weight, ignore_index, reduction, label_smoothing, target_format,
+        z_loss, softcap, num_items, return_extras: as in :func:`crossent.cross_entropy`.
+        shift (bool, optional): causal language modelling: position ``t``
+            predicts label ``t + 1`` along the sequence dim (``input``'s dim -2,
+            ``target``'s last position dim); the last position of each sequence
+            is dropped, the hidden states are not copied. Default: ``False``.
+        impl (str, optional): ``"auto"`` | ``"torch"`` (materialises the logits:
+            the reference) | ``"chunked"``. Default: ``"auto"``.
+        chunk_size (int, optional): rows per chunk; default: chosen from ``V``
+            (about 8 MiB of float32 logits, at least 32 rows).
+        process_group: vocab-parallel mode (not available yet).
+
+    Shape:
+        - input: :math:`(*, H)`; linear_weight: :math:`(V, H)`; linear_bias: :math:`(V)`.
+        - target: :math:`(*)` indices, :math:`(*, k)` SparseTarget, :math:`(*, V)` probabilities.
+        - output: scalar, or :math:`(*)` with ``reduction="none"`` (:math:`(*, T-1)` with ``shift``).
+
+    Example::
+
+        >>> import torch, crossent
+        >>> h = torch.randn(2, 16, 64, requires_grad=True)
+        >>> W = torch.randn(1000, 64, requires_grad=True)
+        >>> labels = torch.randint(0, 1000, (2, 16))
+        >>> loss = crossent.linear_cross_entropy(h, W, labels, shift=True)
+        >>> loss.backward()
+    """
+    if not isinstance(input, Tensor) or not input.dtype.is_floating_point or input.dim() == 0:
+        raise TypeError("input must be a floating tensor of hidden states [..., H]")
+    if not isinstance(linear_weight, Tensor) or linear_weight.dim() != 2:
+        raise ValueError(f"linear_weight must be a [V, H] matrix, got "
+                         f"{list(linear_weight.shape) if isinstance(linear_weight, Tensor) else type(linear_weight).__name__}")
+    V, H = linear_weight.shape
+    if input.shape[-1] != H:
+        raise ValueError(f"input is {list(input.shape)} (hidden size {input.shape[-1]}) but linear_weight is "
+                         f"[{V}, {H}] (hidden size {H}): linear_weight must be [vocab, hidden]; did you pass its transpose?")
+    if linear_weight.dtype != input.dtype:
+        raise TypeError(f"linear_weight is {linear_weight.dtype} but input is {input.dtype}: cast one to the other")
+    if linear_weight.device != input.device:
+        raise ValueError(f"linear_weight is on {linear_weight.device} but input on {input.device}")
+    if linear_bias is not None:
+        if not isinstance(linear_bias, Tensor) or linear_bias.shape != (V,):
+            raise ValueError(f"linear_bias must have shape [{V}], got "
+                             f"{list(linear_bias.shape) if isinstance(linear_bias, Tensor) else type(linear_bias).__name__}")
+        if linear_bias.device != input.device or linear_bias.dtype != input.dtype:
+            raise ValueError(f"linear_bias must be {input.dtype} on {input.device}, like input")
+    if V == 0:
+        raise ValueError("linear_weight has 0 rows: there are no classes")
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    check_options(reduction, label_smoothing, z_loss, softcap, num_items)
+    check_weight(weight, V, input.device)
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
+        raise ValueError(f"chunk_size={chunk_size!r} must be a positive number of rows, or None to choose it")
+    if process_group is not None:
+        raise ValueError("process_group (vocab-parallel) is not available yet in this version of crossent")
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r} is not one of {', '.join(repr(i) for i in IMPLS)}")
+    if impl == "triton":
+        raise ValueError("impl='triton' is not available yet for linear_cross_entropy; use impl='chunked' (any "
+                         "device) or impl='auto'")
+    name = "chunked" if impl == "auto" else impl
+
+    pos_shape = input.shape[:-1]
+    row_ids = None
+    if shift:
+        if input.dim() < 2 or input.shape[-2] < 1:
+            raise ValueError(f"shift=True needs input [..., T, H] with a sequence dim, got {list(input.shape)}")
+        T = input.shape[-2]
+        tshape = target.shape[:-1] if isinstance(target, SparseTarget) else (
+            target.shape[:len(pos_shape)] if isinstance(target, Tensor) else pos_shape)
+        if tshape != pos_shape:
+            raise ValueError(f"with shift=True the target covers every position before shifting: expected "
+                             f"{list(pos_shape)} (+ [V] for probabilities), got {list(target.shape)}")
+        if isinstance(target, Tensor):
+            target = target[..., 1:] if target.shape == pos_shape else target[..., 1:, :]
+        else:
+            target = _shift_sparse(target)
+        pos_shape = torch.Size(input.shape[:-2] + (T - 1,))
+        B = math.prod(input.shape[:-2])
+        row_ids = ((torch.arange(B, device=input.device) * T).unsqueeze(1)
+                   + torch.arange(T - 1, device=input.device)).reshape(-1)
+    cdim = len(pos_shape)
+    tgt = normalize_target(target, _Like(pos_shape + (V,), input.device), cdim, target_format, ignore_index)
+    acc = _ref.acc_dtype(input.dtype)
+    w = None if weight is None else weight.to(acc)
+    ls = float(label_smoothing)
+    z_loss = float(z_loss)
+    softcap = None if softcap is None else float(softcap)
+    ce_denom, z_denom = _reduce.denominators(tgt, w, reduction, num_items, ignore_index, acc, input.device)
+
+    if name == "torch":
+        x = input[..., :-1, :] if shift else input
+        logits = torch.nn.functional.linear(x, linear_weight, linear_bias)
+        ce, z, lse, pred = _ref.cross_entropy_rows(logits.reshape(-1, V).unsqueeze(2), tgt, weight, ignore_index,
+                                                   ls, softcap, z_loss)
+        loss = _reduce.reduce_rows(ce, z, reduction, ce_denom, z_denom, pos_shape, input.dtype)
+        zrows = z.detach() if z is not None else torch.zeros_like(lse)
+    else:
+        if weight is not None and weight.requires_grad:
+            raise ValueError(f"weight requires grad, but impl={name!r} does not differentiate class weights; "
+                             "pass weight.detach() or use impl='torch'")
+        if tgt.requires_grad:
+            raise ValueError(f"the target requires grad, but impl={name!r} does not differentiate targets; "
+                             "pass target.detach() or use impl='torch'")
+        ce_g = _reduce.grad_scale(ce_denom, acc, input.device)
+        z_g = _reduce.grad_scale(z_denom, acc, input.device)
+        x2 = input.reshape(-1, H)
+
+        def kernel(x2_, w_, b_, row_scale, want):
+            return _chunked.linear_cross_entropy_forward(x2_, row_ids, w_, b_, tgt, w, ignore_index, ls, softcap,
+                                                         z_loss, ce_g, z_g, want, return_extras, chunk_size,
+                                                         row_scale)
+
+        call = LinearCall(kernel, reduction, ce_denom, z_denom, pos_shape, name)
+        loss, lse, zrows, pred = fused_linear_cross_entropy(x2, linear_weight, linear_bias, call)
+    check_after(tgt, target, loss)
+    if not return_extras:
+        return loss
+    return loss, {"lse": lse.reshape(pos_shape), "z_loss": zrows.reshape(pos_shape),
+                  "predicted": pred.reshape(pos_shape)}

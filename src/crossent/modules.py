@@ -7,10 +7,10 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from .functional import check_options, cross_entropy
+from .functional import check_options, cross_entropy, linear_cross_entropy
 from .targets import TARGET_FORMATS
 
-__all__ = ["CrossEntropyLoss"]
+__all__ = ["CrossEntropyLoss", "LinearCrossEntropyLoss"]
 
 
 class CrossEntropyLoss(nn.CrossEntropyLoss):
@@ -88,3 +88,65 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
 
 
 
+
+
+class LinearCrossEntropyLoss(nn.Module):
+    r"""Module form of :func:`crossent.linear_cross_entropy`: the output layer's
+    matmul and the cross-entropy in one, without the ``[N, V]`` logits.
+
+    Holds the options (and the class ``weight`` buffer, as
+    :class:`CrossEntropyLoss` does); the projection is passed to ``forward``
+    so that it stays a parameter of the model (tied embeddings included).
+
+    Args:
+        weight, ignore_index, reduction, label_smoothing: as in :class:`CrossEntropyLoss`.
+        shift, target_format, z_loss, softcap, impl, chunk_size, process_group,
+        return_extras: keyword-only, as in :func:`crossent.linear_cross_entropy`.
+
+    ``forward(input, linear_weight, target, linear_bias=None, num_items=None)``.
+
+    Shape:
+        - input: :math:`(*, H)`; linear_weight: :math:`(V, H)`; target: :math:`(*)`.
+        - output: scalar, or :math:`(*)` with ``reduction="none"``.
+
+    Example::
+
+        >>> import torch, crossent
+        >>> head = torch.nn.Linear(64, 1000, bias=False)
+        >>> loss_fn = crossent.LinearCrossEntropyLoss(shift=True, label_smoothing=0.1)
+        >>> h = torch.randn(2, 16, 64, requires_grad=True)
+        >>> loss_fn(h, head.weight, torch.randint(0, 1000, (2, 16))).backward()
+    """
+
+    def __init__(self, weight: Optional[Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
+                 label_smoothing: float = 0.0, *, shift: bool = False, target_format: str = "auto",
+                 z_loss: float = 0.0, softcap: Optional[float] = None, impl: str = "auto",
+                 chunk_size: Optional[int] = None, process_group=None, return_extras: bool = False) -> None:
+        super().__init__()
+        check_options(reduction, label_smoothing, z_loss, softcap, None)
+        if target_format not in TARGET_FORMATS:
+            raise ValueError(f"target_format={target_format!r} is not one of "
+                             f"{', '.join(repr(f) for f in TARGET_FORMATS)}")
+        self.register_buffer("weight", weight)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.shift = shift
+        self.target_format = target_format
+        self.z_loss = z_loss
+        self.softcap = softcap
+        self.impl = impl
+        self.chunk_size = chunk_size
+        self.process_group = process_group
+        self.return_extras = return_extras
+
+    def forward(self, input: Tensor, linear_weight: Tensor, target, linear_bias: Optional[Tensor] = None,
+                num_items=None):
+        return linear_cross_entropy(input, linear_weight, target, linear_bias, self.weight, self.ignore_index,
+                                    self.reduction, self.label_smoothing, shift=self.shift,
+                                    target_format=self.target_format, z_loss=self.z_loss, softcap=self.softcap,
+                                    num_items=num_items, impl=self.impl, chunk_size=self.chunk_size,
+                                    process_group=self.process_group, return_extras=self.return_extras)
+
+    def extra_repr(self) -> str:
+        return f"reduction={self.reduction!r}, shift={self.shift}, impl={self.impl!r}"

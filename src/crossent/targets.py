@@ -128,6 +128,21 @@ class Target:
     sp_values: Optional[Tensor] = None  # [P, Q, k] float
     source: str = ""  # the format the caller used: index / one_hot / probs / sparse
 
+    def rows(self, r0: int, r1: int) -> "Target":
+        """Positions ``[r0, r1)`` of the flattened positions, as a target for ``[r1 - r0, C, 1]`` logits.
+
+        Only for targets whose positions flatten without a copy (``Q == 1`` or index/sparse).
+        """
+        n = r1 - r0
+        if self.kind == "index":
+            return Target("index", index=self.index.reshape(-1)[r0:r1].reshape(n, 1), source=self.source)
+        if self.kind == "sparse":
+            k = self.sp_index.shape[-1]
+            return Target("sparse", sp_index=self.sp_index.reshape(-1, k)[r0:r1].reshape(n, 1, k),
+                          sp_values=self.sp_values.reshape(-1, k)[r0:r1].reshape(n, 1, k), source=self.source)
+        P, C, Q = self.probs.shape
+        return Target("probs", probs=self.probs.transpose(1, 2).reshape(-1, C)[r0:r1].unsqueeze(2), source=self.source)
+
     @property
     def requires_grad(self) -> bool:
         for t in (self.probs, self.sp_values):

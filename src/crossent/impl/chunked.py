@@ -203,3 +203,95 @@ class _Scratch:
         if buf is None:
             buf = self.bufs[name] = torch.empty(self.shape, dtype=self.dtype, device=self.device)
         return buf[:n]
+
+
+# --------------------------------------------------------------------------- linear + cross-entropy
+
+# Bytes of float32 logits per row chunk of linear_cross_entropy when chunk_size is not given.
+LINEAR_CHUNK_BYTES = 8 << 20
+
+
+def linear_chunk_rows(M: int, V: int, chunk_size: Optional[int] = None) -> int:
+    """Rows per chunk: ``chunk_size`` if given, else what fits ``LINEAR_CHUNK_BYTES`` of float32
+    logits, at least 32 rows (the weight-gradient update reads and writes all of ``[V, H]`` once
+    per chunk, so tiny chunks would make it memory-bound)."""
+    if chunk_size is not None:
+        return max(1, min(int(chunk_size), max(M, 1)))
+    return max(1, min(max(M, 1), max(32, LINEAR_CHUNK_BYTES // (4 * max(V, 1)))))
+
+
+def linear_cross_entropy_forward(x2: Tensor, row_ids: Optional[Tensor], weight_v: Tensor, bias: Optional[Tensor],
+                                 tgt: Target, class_weight: Optional[Tensor], ignore_index: int,
+                                 label_smoothing: float, softcap: Optional[float], z_loss: float,
+                                 ce_gscale: Tensor, z_gscale: Tensor, want_grads: Tuple[bool, bool, bool],
+                                 want_predicted: bool, chunk_size: Optional[int] = None,
+                                 row_scale: Optional[Tensor] = None):
+    """Loss terms and gradients of ``cross_entropy(x @ W.T + b, target)`` by row chunks.
+
+    ``x2`` ``[R, H]`` holds the hidden states; position ``i`` uses row
+    ``row_ids[i]`` (or row ``i`` when ``row_ids`` is None: ``shift`` uses it to
+    skip each sequence's last position without copying the hidden states).
+    ``tgt`` has one position per row of the result (``M``). ``want_grads``
+    says which of ``(dx, dW, db)`` to form; the gradient is that of
+    ``sum(ce) * ce_gscale + sum(z) * z_gscale``, each position's term further
+    scaled by ``row_scale`` when given (the backward of ``reduction='none'``).
+    Logits exist one chunk at a time; the weight gradient accumulates in float32.
+
+    Returns ``(ce, z, lse, predicted, dx, dW, db)``.
+    """
+    M = tgt.index.numel() if tgt.kind == "index" else (
+        tgt.sp_index.shape[0] * tgt.sp_index.shape[1] if tgt.kind == "sparse" else tgt.probs.shape[0] * tgt.probs.shape[2])
+    V, H = weight_v.shape
+    dev = x2.device
+    acc = acc_dtype(x2.dtype)
+    need_dx, need_dw, need_db = want_grads
+    need_grad = need_dx or need_dw or need_db
+    dx = torch.zeros(x2.shape, dtype=x2.dtype, device=dev) if need_dx else None
+    dw = None
+    if need_dw:
+        dw = torch.zeros((V, H), dtype=acc, device=dev)
+    db = torch.zeros(V, dtype=acc, device=dev) if need_db else None
+    ce = torch.empty(M, dtype=acc, device=dev)
+    z = torch.empty(M, dtype=acc, device=dev) if z_loss else None
+    lse = torch.empty(M, dtype=acc, device=dev)
+    pred = torch.empty(M, dtype=torch.long, device=dev) if want_predicted else None
+    n = linear_chunk_rows(M, V, chunk_size)
+    for r0 in range(0, M, n):
+        r1 = min(M, r0 + n)
+        ids = None if row_ids is None else row_ids[r0:r1]
+        xc = x2[r0:r1] if ids is None else x2.index_select(0, ids)
+        if bias is not None:
+            logits = torch.addmm(bias, xc, weight_v.t())
+        else:
+            logits = xc @ weight_v.t()
+        logits = logits.to(acc)
+        l3 = logits.unsqueeze(2)
+        c, zc, lc, pc = cross_entropy_forward(l3, tgt.rows(r0, r1), class_weight, ignore_index, label_smoothing,
+                                              softcap, z_loss, ce_gscale, z_gscale, l3 if need_grad else None,
+                                              want_predicted)
+        ce[r0:r1] = c
+        lse[r0:r1] = lc
+        if z is not None:
+            z[r0:r1] = zc
+        if pred is not None:
+            pred[r0:r1] = pc
+        if not need_grad:
+            continue
+        dl = logits  # now the gradient of the chunk's logits
+        if row_scale is not None:
+            dl.mul_(row_scale[r0:r1].to(acc).unsqueeze(1))
+        if db is not None:
+            db += dl.sum(0)
+        if dw is not None:
+            dw.addmm_(dl.t(), xc.to(acc))
+        if dx is not None:
+            dxc = dl.to(weight_v.dtype) @ weight_v
+            if ids is None:
+                dx[r0:r1] = dxc
+            else:
+                dx.index_copy_(0, ids, dxc.to(dx.dtype))
+    if dw is not None:
+        dw = dw.to(weight_v.dtype)
+    if db is not None:
+        db = db.to(bias.dtype if bias is not None else weight_v.dtype)
+    return ce, z, lse, pred, dx, dw, db

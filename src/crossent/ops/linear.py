@@ -1,0 +1,85 @@
+"""Autograd for linear + cross-entropy by the fused impls.
+
+With a scalar loss (``mean``, ``sum``, ``num_items``) the forward forms the
+input, weight and bias gradients chunk by chunk, and the backward only scales
+them (in place unless the graph is kept, as for cross-entropy). With
+``reduction='none'`` the incoming gradient differs per position, so the weight
+gradient cannot be finished in the forward: the forward keeps nothing but its
+inputs and the backward recomputes the logits chunk by chunk with the
+incoming gradient folded in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .._reduce import reduce_rows
+from .cross_entropy import keep_graph
+
+
+@dataclass
+class LinearCall:
+    kernel: Callable  # (x2, W, b, row_scale, want_grads) -> (ce, z, lse, predicted, dx, dW, db)
+    reduction: str
+    ce_denom: Optional[Tensor]
+    z_denom: Optional[Tensor]
+    pos_shape: torch.Size
+    impl_name: str
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2: Tensor, w: Tensor, b: Optional[Tensor], call: LinearCall):
+        want = (x2.requires_grad, w.requires_grad, b is not None and b.requires_grad)
+        scalar = not (call.reduction == "none" and call.ce_denom is None)
+        fused = scalar and any(want)
+        ce, z, lse, pred, dx, dw, db = call.kernel(x2, w, b, None, want if fused else (False, False, False))
+        loss = reduce_rows(ce, z, call.reduction, call.ce_denom, call.z_denom, call.pos_shape, x2.dtype)
+        ctx.call, ctx.fused, ctx.want = call, fused, want
+        if fused:
+            ctx.grads = [dx, dw, db]
+        else:
+            ctx.save_for_backward(x2, w, b)
+        zrows = z if z is not None else torch.zeros_like(lse)
+        ctx.mark_non_differentiable(lse, zrows, *(() if pred is None else (pred,)))
+        return loss, lse, zrows, pred
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        call: LinearCall = ctx.call
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                f"crossent: linear_cross_entropy with impl={call.impl_name!r} cannot give a second derivative "
+                "(backward with create_graph=True); use impl='torch' for double backward")
+        if not ctx.fused:
+            x2, w, b = ctx.saved_tensors
+            _, _, _, _, dx, dw, db = call.kernel(x2, w, b, grad_loss.reshape(-1), ctx.want)
+            return dx, dw, db, None
+        grads = ctx.grads
+        if grads is None:
+            raise RuntimeError("crossent: this loss's saved gradients were already released; call backward with "
+                               "retain_graph=True the first time to run backward through it twice")
+        go = grad_loss
+        scalar_one = go.device.type == "cpu" and float(go) == 1.0
+        keep = keep_graph()
+        if not keep:
+            ctx.grads = None
+
+        def scale(g):
+            if g is None:
+                return None
+            if keep:
+                return g.clone() if scalar_one else g * go.to(g.dtype)
+            return g if scalar_one else g.mul_(go.to(g.dtype))
+
+        out = [scale(g) for g in grads]
+        return out[0], out[1], out[2], None
+
+
+def fused_linear_cross_entropy(x2: Tensor, w: Tensor, b: Optional[Tensor], call: LinearCall):
+    """``(loss, lse, z, predicted)`` through the fused linear autograd function."""
+    return _FusedLinearCrossEntropy.apply(x2, w, b, call)

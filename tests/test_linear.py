@@ -1,0 +1,185 @@
+"""linear_cross_entropy against cross_entropy on materialized logits."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+import crossent
+from crossent import SparseTarget
+from oracle import assert_close64, torch_loss
+
+LIN_IMPLS = ["torch", "chunked"]
+
+
+def grads(fn, tensors, go_shape_from_loss=True, seed=0):
+    ts = [t.detach().clone().requires_grad_(True) if t is not None else None for t in tensors]
+    loss = fn(*ts)
+    g = torch.Generator().manual_seed(seed)
+    go = torch.randn(loss.shape, generator=g, dtype=loss.dtype)
+    out = torch.autograd.grad(loss, [t for t in ts if t is not None], go)
+    return loss.detach(), out
+
+
+@st.composite
+def lin_problems(draw):
+    B = draw(st.integers(1, 3))
+    T = draw(st.integers(1, 6))
+    H = draw(st.integers(1, 9))
+    V = draw(st.integers(1, 40))
+    seed = draw(st.integers(0, 10**6))
+    g = torch.Generator().manual_seed(seed)
+    shift = draw(st.booleans()) and T >= 2
+    x = torch.randn(B, T, H, generator=g, dtype=torch.float64)
+    W = torch.randn(V, H, generator=g, dtype=torch.float64) * draw(st.sampled_from([0.5, 2.0]))
+    b = torch.randn(V, generator=g, dtype=torch.float64) if draw(st.booleans()) else None
+    kind = draw(st.sampled_from(["index", "sparse", "probs"]))
+    ignore_index = -100
+    if kind == "index":
+        ignore_index = draw(st.sampled_from([-100, 0]))
+        t = torch.randint(0, V, (B, T), generator=g)
+        t[torch.rand(B, T, generator=g) < 0.2] = ignore_index
+    elif kind == "sparse":
+        k = draw(st.integers(1, 4))
+        idx = torch.randint(0, V, (B, T, k), generator=g)
+        idx[torch.rand(B, T, k, generator=g) < 0.2] = -100
+        t = SparseTarget(idx, torch.rand(B, T, k, generator=g, dtype=torch.float64))
+    else:
+        t = torch.softmax(torch.randn(B, T, V, generator=g, dtype=torch.float64), -1)
+    return dict(x=x, W=W, b=b, t=t, kind=kind, shift=shift, ignore_index=ignore_index, V=V,
+                reduction=draw(st.sampled_from(["none", "mean", "sum"])),
+                ls=draw(st.sampled_from([0.0, 0.2])),
+                weight=torch.rand(V, generator=g, dtype=torch.float64) + 0.1 if draw(st.booleans()) else None,
+                z=draw(st.sampled_from([0.0, 0.01])), cap=draw(st.sampled_from([None, 4.0])),
+                chunk=draw(st.sampled_from([None, 1, 3, 7])))
+
+
+def materialized(p, x, W, b):
+    """The oracle: PyTorch's cross_entropy on the full logits."""
+    t = p["t"]
+    if p["shift"]:
+        x = x[:, :-1]
+        if isinstance(t, SparseTarget):
+            t = SparseTarget(t.indices[:, 1:], t.values[:, 1:])
+        else:
+            t = t[:, 1:]
+    logits = F.linear(x, W, b)
+    if isinstance(t, SparseTarget):
+        t = t.to_dense(p["V"])
+    return torch_loss(logits, t, p["weight"], p["ignore_index"], p["reduction"], p["ls"], dim=-1, z_loss=p["z"],
+                      softcap=p["cap"])
+
+
+@pytest.mark.parametrize("impl", LIN_IMPLS)
+@given(p=lin_problems())
+def test_linear_matches_materialized_logits(impl, p):
+    def ours(x, W, b=None):
+        return crossent.linear_cross_entropy(x, W, p["t"], b, p["weight"], p["ignore_index"], p["reduction"], p["ls"],
+                                             shift=p["shift"], z_loss=p["z"], softcap=p["cap"], impl=impl,
+                                             chunk_size=p["chunk"])
+
+    lo, go = grads(ours, [p["x"], p["W"], p["b"]])
+    le, ge = grads(lambda x, W, b=None: materialized(p, x, W, b), [p["x"], p["W"], p["b"]])
+    assert lo.shape == le.shape
+    assert_close64(lo, le)
+    for a, e in zip(go, ge):
+        assert_close64(a, e, "grad")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_float32_no_worse_than_torch_and_n1(reduction):
+    for N, V in ((1, 7), (33, 1001)):
+        g = torch.Generator().manual_seed(N)
+        x = torch.randn(N, 24, generator=g)
+        W = torch.randn(V, 24, generator=g) / 4
+        b = torch.randn(V, generator=g)
+        t = torch.randint(0, V, (N,), generator=g)
+        lo, go = grads(lambda x, W, b: crossent.linear_cross_entropy(x, W, t, b, reduction=reduction, chunk_size=5),
+                       [x, W, b])
+        le, ge = grads(lambda x, W, b: F.cross_entropy(F.linear(x, W, b), t, reduction=reduction),
+                       [x.double(), W.double(), b.double()])
+        lt, gt = grads(lambda x, W, b: F.cross_entropy(F.linear(x, W, b), t, reduction=reduction), [x, W, b])
+        from oracle import assert_no_worse
+
+        assert_no_worse(lo, lt, le, torch.float32, factor=3)
+        for a, th, e in zip(go, gt, ge):
+            assert_no_worse(a, th, e, torch.float32, "grad", factor=3)
+
+
+def test_never_builds_full_logits():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    N, H, V = 64, 8, 500
+    biggest = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for o in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(o, torch.Tensor):
+                    biggest.append(o.numel())
+            return out
+
+    x = torch.randn(N, H, requires_grad=True)
+    W = torch.randn(V, H, requires_grad=True)
+    t = torch.randint(0, V, (N,))
+    with Watch():
+        crossent.linear_cross_entropy(x, W, t, chunk_size=8).backward()
+    assert max(biggest) <= max(8 * V, V * H), max(biggest)
+    assert max(biggest) < N * V
+
+
+def test_retain_graph_and_reuse():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(10, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    W = torch.randn(20, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    t = torch.randint(0, 20, (10,), generator=g)
+    loss = crossent.linear_cross_entropy(x, W, t, chunk_size=3)
+    loss.backward(retain_graph=True)
+    g1 = (x.grad.clone(), W.grad.clone())
+    loss.backward()
+    assert torch.equal(x.grad, 2 * g1[0]) and torch.equal(W.grad, 2 * g1[1])
+    ref = F.cross_entropy(x.detach() @ W.detach().T, t)
+    assert_close64(loss.detach(), ref)
+
+
+def test_only_some_inputs_require_grad():
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(9, 4, dtype=torch.float64)
+    t = torch.randint(0, 9, (5,))
+    crossent.linear_cross_entropy(x, W, t).backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    F.cross_entropy(x2 @ W.T, t).backward()
+    assert_close64(x.grad, x2.grad)
+    with torch.no_grad():
+        assert_close64(crossent.linear_cross_entropy(x, W, t), F.cross_entropy(x @ W.T, t))
+
+
+def test_extras_and_module():
+    x = torch.randn(2, 5, 4, dtype=torch.float64)
+    W = torch.randn(9, 4, dtype=torch.float64)
+    t = torch.randint(0, 9, (2, 5))
+    m = crossent.LinearCrossEntropyLoss(shift=True, z_loss=0.1, return_extras=True)
+    loss, ex = m(x, W, t)
+    logits = x[:, :-1] @ W.T
+    assert ex["lse"].shape == (2, 4)
+    assert_close64(ex["lse"], torch.logsumexp(logits, -1))
+    assert torch.equal(ex["predicted"], logits.argmax(-1))
+    assert_close64(loss, torch_loss(logits, t[:, 1:], dim=-1, z_loss=0.1))
+
+
+def test_errors():
+    x, W, t = torch.randn(4, 8), torch.randn(10, 8), torch.randint(0, 10, (4,))
+    with pytest.raises(ValueError, match="transpose"):
+        crossent.linear_cross_entropy(x, W.T, t)
+    with pytest.raises(TypeError, match="cast"):
+        crossent.linear_cross_entropy(x, W.double(), t)
+    with pytest.raises(ValueError, match="linear_bias"):
+        crossent.linear_cross_entropy(x, W, t, torch.randn(3))
+    with pytest.raises(ValueError, match="chunk_size"):
+        crossent.linear_cross_entropy(x, W, t, chunk_size=0)
+    with pytest.raises(ValueError, match="target 12"):
+        crossent.linear_cross_entropy(x, W, torch.tensor([0, 1, 12, 2]))
+    with pytest.raises(ValueError, match="shift"):
+        crossent.linear_cross_entropy(x, W, torch.randint(0, 10, (3,)), shift=True)
