@@ -105,13 +105,63 @@ def _make_step(impl: str, kind: str, N: int, V: int, dtype: torch.dtype, device:
     return step, (x, x0, target)
 
 
-def run_worker(impl: str, kind: str, N: int, V: int, dtype: str, device: str, reps: int) -> Dict:
+def _make_linear_step(impl: str, N: int, H: int, V: int, dtype: torch.dtype, device: str):
+    """Inputs and a forward+backward step of linear + cross-entropy (index targets)."""
+    import crossent
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = (torch.randn(N, H, generator=g) / H**0.25).to(device=device, dtype=dtype).requires_grad_(True)
+    w = (torch.randn(V, H, generator=g) / H**0.25).to(device=device, dtype=dtype).requires_grad_(True)
+    t = torch.randint(0, V, (N,), generator=g).to(device)
+
+    def eager(x, w, t):
+        return F.cross_entropy(x @ w.t(), t)
+
+    if impl == "torch":
+        fn = eager
+    elif impl == "compile":
+        fn = torch.compile(eager)
+    elif impl.startswith("cce"):  # Cut Cross-Entropy, e.g. cce_torch_compile or cce_cce
+        from cut_cross_entropy import linear_cross_entropy as cce  # type: ignore
+
+        which = impl.split("_", 1)[1]
+
+        def fn(x, w, t):
+            return cce(x, w, t, impl=which)
+    elif impl == "liger":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss  # type: ignore
+
+        lf = LigerFusedLinearCrossEntropyLoss()
+
+        def fn(x, w, t):
+            return lf(w, x, t)
+    elif impl.split("@")[0] in ("chunked", "triton", "auto"):  # "chunked@256": chunk_size=256
+        name, _, rows = impl.partition("@")
+        chunk = int(rows) if rows else None
+
+        def fn(x, w, t):
+            return crossent.linear_cross_entropy(x, w, t, impl=name, chunk_size=chunk)
+    else:
+        raise ValueError(f"unknown impl {impl!r}")
+
+    def step():
+        x.grad = w.grad = None
+        fn(x, w, t).backward()
+
+    return step, (x, w, t)
+
+
+def run_worker(impl: str, kind: str, N: int, V: int, dtype: str, device: str, reps: int, H: int = 0,
+               warmup: int = 2) -> Dict:
     torch.manual_seed(0)
     dt = getattr(torch, dtype)
-    step, keep = _make_step(impl, kind, N, V, dt, device)
+    if kind == "linear":
+        step, keep = _make_linear_step(impl, N, H, V, dt, device)
+    else:
+        step, keep = _make_step(impl, kind, N, V, dt, device)
     cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    for _ in range(2):
+    for _ in range(warmup):
         step()
     sync()
     times = []
@@ -121,7 +171,8 @@ def run_worker(impl: str, kind: str, N: int, V: int, dtype: str, device: str, re
         step()
         sync()
         times.append(time.perf_counter() - t0)
-    keep[0].grad = None
+    for k in keep:
+        k.grad = None
     gc.collect()
     if cuda:
         torch.cuda.synchronize()
@@ -135,16 +186,18 @@ def run_worker(impl: str, kind: str, N: int, V: int, dtype: str, device: str, re
         ok = _reset_hwm()
         step()
         peak = _rss_kb("VmHWM") * 1024 - before if ok else float("nan")
-    return {"impl": impl, "kind": kind, "N": N, "V": V, "dtype": dtype, "device": device,
+    return {"impl": impl, "kind": kind, "N": N, "H": H, "V": V, "dtype": dtype, "device": device,
             "time_ms": statistics.median(times) * 1e3, "peak_mb": peak / 2**20,
             # achieved bandwidth counting one read of the logits and one write of the gradient
             "gbps": 2 * N * V * dt.itemsize / statistics.median(times) / 1e9,
             "logits_mb": N * V * dt.itemsize / 2**20}
 
 
-def run_case(impl: str, kind: str, N: int, V: int, dtype: str, device: str, reps: int) -> Optional[Dict]:
+def run_case(impl: str, kind: str, N: int, V: int, dtype: str, device: str, reps: int, H: int = 0,
+             warmup: int = 2) -> Optional[Dict]:
     """One measurement in a fresh Python process (no allocator or cache state carried over)."""
-    cmd = [sys.executable, "-m", "crossent.bench", "--worker", impl, kind, str(N), str(V), dtype, device, str(reps)]
+    cmd = [sys.executable, "-m", "crossent.bench", "--worker", impl, kind, str(N), str(V), dtype, device, str(reps),
+           str(H), str(warmup)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.stderr.write(f"[{impl} {kind}] failed:\n{proc.stderr[-2000:]}\n")
@@ -153,7 +206,8 @@ def run_case(impl: str, kind: str, N: int, V: int, dtype: str, device: str, reps
 
 
 def compare(impls: List[str], kinds: List[str], N: int, V: int, dtype: str = "float32", device: str = "cpu",
-            reps: int = 7, baseline: str = "torch", progress: Optional[Callable[[str], None]] = None) -> List[Dict]:
+            reps: int = 7, baseline: str = "torch", progress: Optional[Callable[[str], None]] = None,
+            H: int = 0, warmup: int = 2) -> List[Dict]:
     """Measure every (kind, impl) and add ratios against ``baseline`` of the same kind."""
     rows = []
     for kind in kinds:
@@ -161,7 +215,7 @@ def compare(impls: List[str], kinds: List[str], N: int, V: int, dtype: str = "fl
         for impl in impls:
             if progress:
                 progress(f"{kind} / {impl}")
-            r = run_case(impl, kind, N, V, dtype, device, reps)
+            r = run_case(impl, kind, N, V, dtype, device, reps, H, warmup)
             if r is None:
                 continue
             if impl == baseline:
@@ -177,7 +231,7 @@ def compare(impls: List[str], kinds: List[str], N: int, V: int, dtype: str = "fl
 def write_csv(rows: List[Dict], path: str) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    fields = ["kind", "impl", "N", "V", "dtype", "device", "time_ms", "gbps", "peak_mb", "time_ratio", "mem_ratio",
+    fields = ["kind", "impl", "N", "H", "V", "dtype", "device", "time_ms", "gbps", "peak_mb", "time_ratio", "mem_ratio",
               "logits_mb", "machine", "date"]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
@@ -207,22 +261,25 @@ def print_table(rows: List[Dict], title: str) -> None:
 
 def main(argv: Optional[List[str]] = None) -> None:
     ap = argparse.ArgumentParser(prog="crossent bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--worker", nargs=7, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", nargs=9, help=argparse.SUPPRESS)
     ap.add_argument("--N", type=int, default=4096)
     ap.add_argument("--V", type=int, default=32000)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--impls", default="torch,compile,auto,auto_inplace")
     ap.add_argument("--kinds", default="index,probs")
+    ap.add_argument("--H", type=int, default=0, help="hidden size: with --kinds linear, linear_cross_entropy")
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--csv", default=None, help="write the rows to this CSV file")
     a = ap.parse_args(argv)
     if a.worker:
-        impl, kind, N, V, dtype, device, reps = a.worker
-        print(json.dumps(run_worker(impl, kind, int(N), int(V), dtype, device, int(reps))))
+        impl, kind, N, V, dtype, device, reps, H, warmup = a.worker
+        print(json.dumps(run_worker(impl, kind, int(N), int(V), dtype, device, int(reps), int(H), int(warmup))))
         return
     rows = compare(a.impls.split(","), a.kinds.split(","), a.N, a.V, a.dtype, a.device, a.reps,
-                   progress=lambda s: print(f"measuring {s} ...", file=sys.stderr, flush=True))
+                   progress=lambda s: print(f"measuring {s} ...", file=sys.stderr, flush=True), H=a.H,
+                   warmup=a.warmup)
     print_table(rows, f"cross_entropy forward+backward, [{a.N}, {a.V}] {a.dtype} on {a.device}")
     if a.csv:
         write_csv(rows, a.csv)

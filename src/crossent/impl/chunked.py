@@ -256,15 +256,19 @@ def linear_cross_entropy_forward(x2: Tensor, row_ids: Optional[Tensor], weight_v
     lse = torch.empty(M, dtype=acc, device=dev)
     pred = torch.empty(M, dtype=torch.long, device=dev) if want_predicted else None
     n = linear_chunk_rows(M, V, chunk_size)
+    # one logits buffer for every chunk (a fresh multi-MB buffer per chunk costs page faults)
+    buf = torch.empty((min(n, M), V), dtype=x2.dtype, device=dev)
+    buf_acc = buf if x2.dtype == acc else None
     for r0 in range(0, M, n):
         r1 = min(M, r0 + n)
         ids = None if row_ids is None else row_ids[r0:r1]
         xc = x2[r0:r1] if ids is None else x2.index_select(0, ids)
+        lo = buf[: r1 - r0]
         if bias is not None:
-            logits = torch.addmm(bias, xc, weight_v.t())
+            torch.addmm(bias, xc, weight_v.t(), out=lo)
         else:
-            logits = xc @ weight_v.t()
-        logits = logits.to(acc)
+            torch.mm(xc, weight_v.t(), out=lo)
+        logits = lo if buf_acc is not None else lo.to(acc)
         l3 = logits.unsqueeze(2)
         c, zc, lc, pc = cross_entropy_forward(l3, tgt.rows(r0, r1), class_weight, ignore_index, label_smoothing,
                                               softcap, z_loss, ce_gscale, z_gscale, l3 if need_grad else None,
