@@ -8,9 +8,9 @@ from hypothesis import strategies as st
 
 import crossent
 from crossent import SparseTarget
-from oracle import assert_close64, torch_loss
+from oracle import EXACT_DTYPE, assert_close, assert_close64, torch_loss
 
-LIN_IMPLS = ["torch", "chunked"]
+LIN_IMPLS = ["torch", "chunked", "triton"]
 
 
 def grads(fn, tensors, go_shape_from_loss=True, seed=0):
@@ -74,17 +74,27 @@ def materialized(p, x, W, b):
 @pytest.mark.parametrize("impl", LIN_IMPLS)
 @given(p=lin_problems())
 def test_linear_matches_materialized_logits(impl, p):
-    def ours(x, W, b=None):
-        return crossent.linear_cross_entropy(x, W, p["t"], b, p["weight"], p["ignore_index"], p["reduction"], p["ls"],
-                                             shift=p["shift"], z_loss=p["z"], softcap=p["cap"], impl=impl,
-                                             chunk_size=p["chunk"])
+    """float64 for torch/chunked; float32 for triton (the interpreter), against the float64 oracle."""
+    dt = EXACT_DTYPE[impl]
+    t = p["t"]
+    if isinstance(t, SparseTarget):
+        t = SparseTarget(t.indices, t.values.to(dt))
+    elif t.dtype.is_floating_point:
+        t = t.to(dt)
+    cw = None if p["weight"] is None else p["weight"].to(dt)
 
-    lo, go = grads(ours, [p["x"], p["W"], p["b"]])
+    def ours(x, W, b=None):
+        return crossent.linear_cross_entropy(x, W, t, b, cw, p["ignore_index"], p["reduction"], p["ls"],
+                                             shift=p["shift"], z_loss=p["z"], softcap=p["cap"], impl=impl,
+                                             chunk_size=p["chunk"] if impl != "triton" else None)
+
+    cast = [None if a is None else a.to(dt) for a in (p["x"], p["W"], p["b"])]
+    lo, go = grads(ours, cast)
     le, ge = grads(lambda x, W, b=None: materialized(p, x, W, b), [p["x"], p["W"], p["b"]])
     assert lo.shape == le.shape
-    assert_close64(lo, le)
+    assert_close(lo, le, dt)
     for a, e in zip(go, ge):
-        assert_close64(a, e, "grad")
+        assert_close(a, e, dt, "grad")
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -183,3 +193,19 @@ def test_errors():
         crossent.linear_cross_entropy(x, W, torch.tensor([0, 1, 12, 2]))
     with pytest.raises(ValueError, match="shift"):
         crossent.linear_cross_entropy(x, W, torch.randint(0, 10, (3,)), shift=True)
+
+
+def test_triton_filter_eps():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 16, generator=g)
+    W = torch.randn(300, 16, generator=g)
+    t = torch.randint(0, 300, (40,), generator=g)
+    exact = grads(lambda x, W: crossent.linear_cross_entropy(x, W, t, impl="triton"), [x, W])
+    zero = grads(lambda x, W: crossent.linear_cross_entropy(x, W, t, impl="triton", filter_eps=0.0), [x, W])
+    approx = grads(lambda x, W: crossent.linear_cross_entropy(x, W, t, impl="triton", filter_eps=1e-3), [x, W])
+    ref = grads(lambda x, W: F.cross_entropy(x @ W.T, t), [x.double(), W.double()])
+    assert torch.equal(exact[0], zero[0]) and all(torch.equal(a, b) for a, b in zip(exact[1], zero[1]))
+    for a, e in zip(approx[1], ref[1]):
+        assert torch.allclose(a.double(), e, atol=2e-3)
+    with pytest.raises(ValueError, match="filter_eps"):
+        crossent.linear_cross_entropy(x, W, t, impl="chunked", filter_eps=1e-3)

@@ -247,7 +247,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target, linear_bi
                          weight: Optional[Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
                          label_smoothing: float = 0.0, *, shift: bool = False, target_format: str = "auto",
                          z_loss: float = 0.0, softcap: Optional[float] = None, num_items=None, impl: str = "auto",
-                         chunk_size: Optional[int] = None, process_group=None, return_extras: bool = False):
+                         chunk_size: Optional[int] = None, process_group=None, return_extras: bool = False,
+                         filter_eps: Optional[float] = None):
     r"""``cross_entropy(input @ linear_weight.T + linear_bias, target, ...)`` without ever holding
     the ``[N, V]`` logits: the loss of a large-vocabulary model's output layer.
 
@@ -273,10 +274,16 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target, linear_bi
             ``target``'s last position dim); the last position of each sequence
             is dropped, the hidden states are not copied. Default: ``False``.
         impl (str, optional): ``"auto"`` | ``"torch"`` (materialises the logits:
-            the reference) | ``"chunked"``. Default: ``"auto"``.
+            the reference) | ``"chunked"`` | ``"triton"`` (tiled kernels in the
+            style of Cut Cross-Entropy). Default: ``"auto"`` (triton on CUDA,
+            else chunked).
         chunk_size (int, optional): rows per chunk; default: chosen from ``V``
             (about 8 MiB of float32 logits, at least 32 rows).
         process_group: vocab-parallel mode (not available yet).
+        filter_eps (float, optional): triton only: skip the backward's
+            (row block, vocab tile) pairs whose logit gradient is below this
+            everywhere (an approximation that saves time when the softmax is
+            peaked). Default: ``None`` (exact).
 
     Shape:
         - input: :math:`(*, H)`; linear_weight: :math:`(V, H)`; linear_bias: :math:`(V)`.
@@ -321,12 +328,13 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target, linear_bi
         raise ValueError(f"chunk_size={chunk_size!r} must be a positive number of rows, or None to choose it")
     if process_group is not None:
         raise ValueError("process_group (vocab-parallel) is not available yet in this version of crossent")
-    if impl not in IMPLS:
-        raise ValueError(f"impl={impl!r} is not one of {', '.join(repr(i) for i in IMPLS)}")
-    if impl == "triton":
-        raise ValueError("impl='triton' is not available yet for linear_cross_entropy; use impl='chunked' (any "
-                         "device) or impl='auto'")
-    name = "chunked" if impl == "auto" else impl
+    name = resolve_impl(impl, input.device)
+    if filter_eps is not None:
+        if name != "triton":
+            raise ValueError(f"filter_eps applies to impl='triton' only (this call runs impl={name!r}, which is "
+                             "always exact); leave filter_eps=None")
+        if not isinstance(filter_eps, Number) or isinstance(filter_eps, bool) or not filter_eps >= 0:
+            raise ValueError(f"filter_eps={filter_eps!r} must be a number >= 0")
 
     pos_shape = input.shape[:-1]
     row_ids = None
@@ -374,10 +382,15 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target, linear_bi
         z_g = _reduce.grad_scale(z_denom, acc, input.device)
         x2 = input.reshape(-1, H)
 
+        if name == "triton":
+            from .impl.triton.linear import linear_cross_entropy_forward as lin_fn
+            extra = {"filter_eps": filter_eps}
+        else:
+            lin_fn, extra = _chunked.linear_cross_entropy_forward, {}
+
         def kernel(x2_, w_, b_, row_scale, want):
-            return _chunked.linear_cross_entropy_forward(x2_, row_ids, w_, b_, tgt, w, ignore_index, ls, softcap,
-                                                         z_loss, ce_g, z_g, want, return_extras, chunk_size,
-                                                         row_scale)
+            return lin_fn(x2_, row_ids, w_, b_, tgt, w, ignore_index, ls, softcap, z_loss, ce_g, z_g, want,
+                          return_extras, chunk_size, row_scale, **extra)
 
         call = LinearCall(kernel, reduction, ce_denom, z_denom, pos_shape, name)
         loss, lse, zrows, pred = fused_linear_cross_entropy(x2, linear_weight, linear_bias, call)

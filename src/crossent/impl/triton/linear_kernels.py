@@ -1,0 +1,233 @@
+"""Triton kernels for linear + cross-entropy in the style of Cut Cross-Entropy
+(``@triton.jit`` only; the launcher is :mod:`crossent.impl.triton.linear`).
+
+Forward: one program per block of ``BM`` rows streams the vocabulary in
+``BV``-wide tiles, each a ``[BM, BV]`` tile of logits from a tiled matmul over
+the hidden size, and keeps only per-row online statistics (max, sum-exp,
+argmax, the target terms). Nothing of size ``[N, V]`` is written.
+
+Backward: one program per (row block, vocab tile) recomputes its logits tile,
+forms the logits' gradient in float32 and adds ``dl @ W_tile`` into the input
+gradient and ``dl^T @ X_rows`` into the weight gradient (float32 atomics).
+With ``FILTER``, tiles whose gradient is below ``filter_eps`` everywhere are
+skipped (an approximation; off by default).
+"""
+
+import triton
+import triton.language as tl
+
+from .kernels import _tanh
+
+
+@triton.jit
+def _row_ids(RID, r, rmask, HAS_RID: tl.constexpr):
+    if HAS_RID:
+        return tl.load(RID + r, mask=rmask, other=0).to(tl.int64)
+    return r
+
+
+@triton.jit
+def _logits_tile(X, sxr, rows, rmask, W, swv, B, v, vmask, H,
+                 HAS_B: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    acc = tl.zeros([BM, BV], dtype=tl.float32)
+    for k0 in range(0, H, BK):
+        kk = k0 + tl.arange(0, BK).to(tl.int64)
+        km = kk < H
+        a = tl.load(X + rows[:, None] * sxr + kk[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
+        w = tl.load(W + v[:, None] * swv + kk[None, :], mask=vmask[:, None] & km[None, :], other=0.0)
+        acc = tl.dot(a, tl.trans(w), acc, input_precision=PREC)
+    if HAS_B:
+        acc += tl.load(B + v, mask=vmask, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def lce_fwd_kernel(
+    X, sxr, RID, W, swv, B,
+    PROB, spr, spv,  # probability targets [M, V]
+    IDX, VAL, K, RV,  # sparse-like targets [M, K]; row validity [M]
+    CW, CWSUM,  # class weights [V] and their sum
+    MX, LOGS, CE, Z, PRED, MASS,  # per-row outputs [M]
+    M, V, H, ls, softcap, z_loss,
+    IS_PROBS: tl.constexpr, HAS_RID: tl.constexpr, HAS_B: tl.constexpr, HAS_CW: tl.constexpr,
+    HAS_RV: tl.constexpr, HAS_LS: tl.constexpr, HAS_CAP: tl.constexpr, HAS_Z: tl.constexpr,
+    WANT_PRED: tl.constexpr, KP: tl.constexpr,
+    BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    r = pid * BM + tl.arange(0, BM).to(tl.int64)
+    rmask = r < M
+    rows = _row_ids(RID, r, rmask, HAS_RID)
+    inv_v = 1.0 / V
+
+    m = tl.zeros([BM], dtype=tl.float32) - float("inf")
+    s = tl.zeros([BM], dtype=tl.float32)
+    best = tl.zeros([BM], dtype=tl.float32) - float("inf")
+    besti = tl.zeros([BM], dtype=tl.int64)
+    wd = tl.zeros([BM], dtype=tl.float32)
+    ws = tl.zeros([BM], dtype=tl.float32)
+    qd = tl.zeros([BM], dtype=tl.float32)
+    qs = tl.zeros([BM], dtype=tl.float32)
+    for v0 in range(0, V, BV):
+        v = v0 + tl.arange(0, BV).to(tl.int64)
+        vmask = v < V
+        x = _logits_tile(X, sxr, rows, rmask, W, swv, B, v, vmask, H, HAS_B, BM, BV, BK, PREC)
+        if HAS_CAP:
+            x = softcap * _tanh(x / softcap)
+        x = tl.where(vmask[None, :], x, float("-inf"))
+        tmax = tl.max(x, 1)
+        if WANT_PRED:
+            ti = tl.argmax(x, 1).to(tl.int64) + v0
+            besti = tl.where(tmax > best, ti, besti)
+            best = tl.maximum(best, tmax)
+        m_new = tl.maximum(m, tmax)
+        m_old = tl.where(m == float("-inf"), 0.0, m)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(x - m_ref[:, None]), 1)
+        m = m_new
+        shift = m_ref - m_old
+        dx = m_ref[:, None] - x
+        if HAS_CW:
+            wc = tl.load(CW + v, mask=vmask, other=0.0).to(tl.float32)
+        else:
+            wc = tl.where(vmask, 1.0, 0.0)
+        if IS_PROBS:
+            t = tl.load(PROB + r[:, None] * spr + v[None, :] * spv, mask=rmask[:, None] & vmask[None, :],
+                        other=0.0).to(tl.float32)
+            if HAS_LS:
+                t = t * (1.0 - ls) + ls * inv_v
+            q = tl.where(vmask[None, :], t * wc[None, :], 0.0)
+            qd += tl.where(qs == 0.0, 0.0, qs * shift) + tl.sum(tl.where(q == 0.0, 0.0, q * dx), 1)
+            qs += tl.sum(q, 1)
+        elif HAS_LS:
+            wcb = wc[None, :] + tl.zeros([BM, BV], dtype=tl.float32)
+            wd += tl.where(ws == 0.0, 0.0, ws * shift) + tl.sum(tl.where(wcb == 0.0, 0.0, wcb * dx), 1)
+            ws += tl.sum(wcb, 1)
+    logs = tl.log(s)
+
+    rv = tl.zeros([BM], dtype=tl.float32) + 1.0
+    if HAS_RV:
+        rv = tl.load(RV + r, mask=rmask, other=0.0).to(tl.float32)
+    wsum = V * 1.0
+    if HAS_CW:
+        wsum = tl.load(CWSUM).to(tl.float32)
+    if IS_PROBS:
+        ce = qs * logs + qd
+        mass = qs
+    else:
+        kk = tl.arange(0, KP)
+        km = rmask[:, None] & (kk[None, :] < K)
+        cols = tl.load(IDX + r[:, None] * K + kk[None, :], mask=km, other=0).to(tl.int64)
+        vals = tl.load(VAL + r[:, None] * K + kk[None, :], mask=km, other=0.0).to(tl.float32)
+        # the target classes' logits: a [BM, KP] gather of rows of W
+        xy = tl.zeros([BM, KP], dtype=tl.float32)
+        for k0 in range(0, H, BK):
+            hh = k0 + tl.arange(0, BK).to(tl.int64)
+            hm = hh < H
+            a = tl.load(X + rows[:, None] * sxr + hh[None, :], mask=rmask[:, None] & hm[None, :], other=0.0)
+            wy = tl.load(W + cols[:, :, None] * swv + hh[None, None, :], mask=km[:, :, None] & hm[None, None, :],
+                         other=0.0)
+            xy += tl.sum(a.to(tl.float32)[:, None, :] * wy.to(tl.float32), 2)
+        if HAS_B:
+            xy += tl.load(B + cols, mask=km, other=0.0).to(tl.float32)
+        if HAS_CAP:
+            xy = softcap * _tanh(xy / softcap)
+        ce = tl.sum(tl.where(vals == 0.0, 0.0, vals * ((m[:, None] - xy) + logs[:, None])), 1)
+        mass = tl.sum(vals, 1)
+        if HAS_LS:
+            ce += ls * inv_v * (wsum * logs + wd) * rv
+            mass += ls * inv_v * wsum * rv
+    tl.store(MX + r, m, mask=rmask)
+    tl.store(LOGS + r, logs, mask=rmask)
+    tl.store(CE + r, ce, mask=rmask)
+    tl.store(MASS + r, mass, mask=rmask)
+    if HAS_Z:
+        lse = m + logs
+        tl.store(Z + r, z_loss * lse * lse * rv, mask=rmask)
+    if WANT_PRED:
+        tl.store(PRED + r, besti, mask=rmask)
+
+
+@triton.jit
+def lce_bwd_kernel(
+    X, sxr, RID, W, swv, B,
+    PROB, spr, spv,
+    IDX, VAL, K, RV,
+    CW, MX, LOGS, MASS, RS,  # RS: per-row incoming gradient (reduction='none')
+    CE_G, Z_G,
+    DX, DW, DB,  # float32 accumulators [R, H], [V, H], [V]
+    M, V, H, ls, softcap, z_loss, filter_eps,
+    IS_PROBS: tl.constexpr, HAS_RID: tl.constexpr, HAS_B: tl.constexpr, HAS_CW: tl.constexpr,
+    HAS_RV: tl.constexpr, HAS_LS: tl.constexpr, HAS_CAP: tl.constexpr, HAS_Z: tl.constexpr,
+    HAS_RS: tl.constexpr, NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+    FILTER: tl.constexpr, KP: tl.constexpr,
+    BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_v = tl.program_id(1).to(tl.int64)
+    r = pid_m * BM + tl.arange(0, BM).to(tl.int64)
+    rmask = r < M
+    rows = _row_ids(RID, r, rmask, HAS_RID)
+    v = pid_v * BV + tl.arange(0, BV).to(tl.int64)
+    vmask = v < V
+    inv_v = 1.0 / V
+
+    raw = _logits_tile(X, sxr, rows, rmask, W, swv, B, v, vmask, H, HAS_B, BM, BV, BK, PREC)
+    x = raw
+    if HAS_CAP:
+        th = _tanh(raw / softcap)
+        x = softcap * th
+    m = tl.load(MX + r, mask=rmask, other=0.0)
+    logs = tl.load(LOGS + r, mask=rmask, other=0.0)
+    valid = rmask[:, None] & vmask[None, :]
+    p = tl.where(valid, tl.exp((x - m[:, None]) - logs[:, None]), 0.0)
+    g = tl.load(CE_G).to(tl.float32)
+    rv = tl.zeros([BM], dtype=tl.float32) + 1.0
+    if HAS_RV:
+        rv = tl.load(RV + r, mask=rmask, other=0.0).to(tl.float32)
+    coef = tl.load(MASS + r, mask=rmask, other=0.0) * g
+    if HAS_Z:
+        coef += 2.0 * z_loss * tl.load(Z_G).to(tl.float32) * (m + logs) * rv
+    if HAS_CW:
+        wc = tl.load(CW + v, mask=vmask, other=0.0).to(tl.float32)
+    else:
+        wc = tl.where(vmask, 1.0, 0.0)
+    dl = coef[:, None] * p
+    if IS_PROBS:
+        t = tl.load(PROB + r[:, None] * spr + v[None, :] * spv, mask=valid, other=0.0).to(tl.float32)
+        if HAS_LS:
+            t = t * (1.0 - ls) + ls * inv_v
+        dl -= g * tl.where(valid, t * wc[None, :], 0.0)
+    else:
+        for j in tl.static_range(KP):
+            jm = rmask & ((r * 0 + j) < K)
+            cj = tl.load(IDX + r * K + j, mask=jm, other=-1).to(tl.int64)
+            vj = tl.load(VAL + r * K + j, mask=jm, other=0.0).to(tl.float32)
+            dl -= g * tl.where(v[None, :] == cj[:, None], vj[:, None], 0.0)
+        if HAS_LS:
+            dl -= (ls * inv_v * g * rv)[:, None] * wc[None, :]
+    if HAS_CAP:
+        dl *= 1.0 - th * th
+    if HAS_RS:
+        dl *= tl.load(RS + r, mask=rmask, other=0.0).to(tl.float32)[:, None]
+    dl = tl.where(valid, dl, 0.0)
+
+    go_on = True
+    if FILTER:
+        go_on = tl.max(tl.max(tl.abs(dl), 1), 0) >= filter_eps
+    if go_on:
+        dlc = dl.to(X.dtype.element_ty)
+        if NEED_DB:
+            tl.atomic_add(DB + v, tl.sum(dl, 0), mask=vmask)
+        for k0 in range(0, H, BK):
+            kk = k0 + tl.arange(0, BK).to(tl.int64)
+            km = kk < H
+            if NEED_DX:
+                w = tl.load(W + v[:, None] * swv + kk[None, :], mask=vmask[:, None] & km[None, :], other=0.0)
+                part = tl.dot(dlc, w, input_precision=PREC)
+                tl.atomic_add(DX + rows[:, None] * H + kk[None, :], part, mask=rmask[:, None] & km[None, :])
+            if NEED_DW:
+                a = tl.load(X + rows[:, None] * sxr + kk[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
+                part = tl.dot(tl.trans(dlc), a, input_precision=PREC)
+                tl.atomic_add(DW + v[:, None] * H + kk[None, :], part, mask=vmask[:, None] & km[None, :])
+
