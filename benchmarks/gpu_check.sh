@@ -31,6 +31,16 @@ for shape in "bfloat16 8192 128256" "float32 8192 128256" "float32 16384 131072"
   timeout 120 python3 -m crossent.bench --dtype "$1" --N "$2" --V "$3" --device cuda --kinds index \
     --impls "$impls" --reps 10 --csv "$OUT/gpu_ce_${1}_${2}x${3}.csv" 2>&1 | tail -12
 done
+echo "== linear_cross_entropy (Cut Cross-Entropy's setting, then a Llama-3 shape), bfloat16"
+limpls="torch,triton"
+python3 -c "import cut_cross_entropy" 2>/dev/null && limpls="$limpls,cce_cce"
+python3 -c "import liger_kernel" 2>/dev/null && limpls="$limpls,liger"
+for shape in "8192 2304 256000" "8192 4096 128256"; do
+  set -- $shape
+  timeout 150 python3 -m crossent.bench --kinds linear --dtype bfloat16 --N "$1" --H "$2" --V "$3" --device cuda \
+    --impls "$limpls" --reps 5 --csv "$OUT/gpu_ce_linear_${1}x${2}x${3}.csv" 2>&1 | tail -10
+done
+
 # one CSV for all shapes (the device tool brings back at most 8 files)
 { head -n1 "$(ls "$OUT"/gpu_ce_*.csv | head -n1)"; for f in "$OUT"/gpu_ce_*.csv; do tail -n +2 "$f"; done; } \
   > "$OUT/gpu_cross_entropy.csv" && rm -f "$OUT"/gpu_ce_*.csv

@@ -87,3 +87,28 @@ def test_auto_picks_triton_on_cuda():
     from crossent.functional import resolve_impl
 
     assert resolve_impl("auto", torch.device("cuda")) == "triton"
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_linear_no_worse_than_torch(dtype):
+    g = torch.Generator().manual_seed(0)
+    N, H, V = 300, 256, 5000
+    x = (torch.randn(N, H, generator=g) / 4).cuda()
+    W = (torch.randn(V, H, generator=g) / 4).cuda()
+    t = torch.randint(0, V, (N,), generator=g).cuda()
+    t[::9] = -100
+
+    def run(fn, *ts):
+        ts = [a.detach().clone().requires_grad_(True) for a in ts]
+        loss = fn(*ts)
+        return (loss.detach(), *torch.autograd.grad(loss, ts))
+
+    ours = run(lambda a, b: crossent.linear_cross_entropy(a, b, t, impl="triton", label_smoothing=0.1),
+               x.to(dtype), W.to(dtype))
+    theirs = run(lambda a, b: torch.nn.functional.cross_entropy(a @ b.T, t, label_smoothing=0.1),
+                 x.to(dtype), W.to(dtype))
+    exact = run(lambda a, b: torch.nn.functional.cross_entropy(a @ b.T, t, label_smoothing=0.1),
+                x.double(), W.double())
+    for o, th, e in zip(ours, theirs, exact):
+        assert_no_worse(o, th, e, dtype, factor=4)
