@@ -209,3 +209,12 @@ def test_triton_filter_eps():
         assert torch.allclose(a.double(), e, atol=2e-3)
     with pytest.raises(ValueError, match="filter_eps"):
         crossent.linear_cross_entropy(x, W, t, impl="chunked", filter_eps=1e-3)
+
+
+@pytest.mark.parametrize("impl", LIN_IMPLS)
+def test_empty_batch_gives_zero_gradients(impl):
+    x = torch.randn(0, 4, requires_grad=True)
+    W = torch.randn(5, 4, requires_grad=True)
+    loss = crossent.linear_cross_entropy(x, W, torch.zeros(0, dtype=torch.long), reduction="sum", impl=impl)
+    loss.backward()
+    assert loss.item() == 0 and W.grad is not None and not W.grad.any()

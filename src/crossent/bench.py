@@ -190,6 +190,8 @@ def run_worker(impl: str, kind: str, N: int, V: int, dtype: str, device: str, re
             "time_ms": statistics.median(times) * 1e3 if times else float("nan"), "peak_mb": peak / 2**20,
             # achieved bandwidth counting one read of the logits and one write of the gradient
             "gbps": 2 * N * V * dt.itemsize / statistics.median(times) / 1e9 if times else float("nan"),
+            # linear + cross-entropy: 6 N H V flops (logits, input gradient, weight gradient)
+            "tflops": 6 * N * H * V / statistics.median(times) / 1e12 if times and H else float("nan"),
             "logits_mb": N * V * dt.itemsize / 2**20}
 
 
@@ -248,7 +250,7 @@ def compare(impls: List[str], kinds: List[str], N: int, V: int, dtype: str = "fl
 def write_csv(rows: List[Dict], path: str) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    fields = ["kind", "impl", "N", "H", "V", "dtype", "device", "time_ms", "gbps", "peak_mb", "time_ratio", "mem_ratio",
+    fields = ["kind", "impl", "N", "H", "V", "dtype", "device", "time_ms", "gbps", "tflops", "peak_mb", "time_ratio", "mem_ratio",
               "logits_mb", "machine", "date"]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")

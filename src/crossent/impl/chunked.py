@@ -246,10 +246,11 @@ def linear_cross_entropy_forward(x2: Tensor, row_ids: Optional[Tensor], weight_v
     acc = acc_dtype(x2.dtype)
     need_dx, need_dw, need_db = want_grads
     need_grad = need_dx or need_dw or need_db
-    dx = torch.zeros(x2.shape, dtype=x2.dtype, device=dev) if need_dx else None
-    dw = None
-    if need_dw:
-        dw = torch.zeros((V, H), dtype=acc, device=dev)
+    # dx: every row is written unless shift skips some (those stay 0); dW: the first chunk writes it
+    dx = None
+    if need_dx:
+        dx = torch.empty(x2.shape, dtype=x2.dtype, device=dev) if row_ids is None else torch.zeros_like(x2)
+    dw = torch.empty((V, H), dtype=acc, device=dev) if need_dw else None
     db = torch.zeros(V, dtype=acc, device=dev) if need_db else None
     ce = torch.empty(M, dtype=acc, device=dev)
     z = torch.empty(M, dtype=acc, device=dev) if z_loss else None
@@ -287,7 +288,10 @@ def linear_cross_entropy_forward(x2: Tensor, row_ids: Optional[Tensor], weight_v
         if db is not None:
             db += dl.sum(0)
         if dw is not None:
-            dw.addmm_(dl.t(), xc.to(acc))
+            if r0 == 0:
+                torch.mm(dl.t(), xc.to(acc), out=dw)
+            else:
+                dw.addmm_(dl.t(), xc.to(acc))
         if dx is not None:
             dxc = dl.to(weight_v.dtype) @ weight_v
             if ids is None:
@@ -295,6 +299,8 @@ def linear_cross_entropy_forward(x2: Tensor, row_ids: Optional[Tensor], weight_v
             else:
                 dx.index_copy_(0, ids, dxc.to(dx.dtype))
     if dw is not None:
+        if M == 0:
+            dw.zero_()
         dw = dw.to(weight_v.dtype)
     if db is not None:
         db = db.to(bias.dtype if bias is not None else weight_v.dtype)
