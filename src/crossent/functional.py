@@ -186,28 +186,17 @@ def cross_entropy(input: Tensor, target, weight: Optional[Tensor] = None, ignore
     tgt = normalize_target(target, input, cdim, target_format, ignore_index)
     shape3 = (math.prod(input.shape[:cdim]), C, math.prod(input.shape[cdim + 1:]))
     pos_shape = torch.Size(input.shape[:cdim] + input.shape[cdim + 1:])
-    acc = _ref.acc_dtype(input.dtype)
-    w = None if weight is None else weight.to(acc)
-    ls = float(label_smoothing)
-    z_loss = float(z_loss)
-    softcap = None if softcap is None else float(softcap)
-    ce_denom, z_denom = _reduce.denominators(tgt, w, reduction, num_items, ignore_index, acc, input.device)
+    acc, w, ls, z_loss, softcap, ce_denom, z_denom = _settings(tgt, input, weight, label_smoothing, z_loss, softcap,
+                                                               reduction, num_items, ignore_index)
 
     if name == "torch":
         if inplace_backward:
             raise ValueError("inplace_backward=True needs a fused impl ('chunked' or 'triton'): impl='torch' "
                              "differentiates with autograd and has no gradient to write in place")
-        ce, z, lse, pred = _ref.cross_entropy_rows(input.reshape(shape3), tgt, weight, ignore_index, ls, softcap,
-                                                   z_loss)
-        loss = _reduce.reduce_rows(ce, z, reduction, ce_denom, z_denom, pos_shape, input.dtype)
-        zrows = z.detach() if z is not None else torch.zeros_like(lse)
+        loss, lse, zrows, pred = _reference(input.reshape(shape3), tgt, weight, ignore_index, ls, softcap, z_loss,
+                                            reduction, ce_denom, z_denom, pos_shape, input.dtype)
     else:
-        if weight is not None and weight.requires_grad:
-            raise ValueError(f"weight requires grad, but impl={name!r} does not differentiate class weights; "
-                             "pass weight.detach() or use impl='torch'")
-        if tgt.requires_grad:
-            raise ValueError(f"the target requires grad, but impl={name!r} does not differentiate targets; "
-                             "pass target.detach() (the usual case for a teacher's probabilities) or use impl='torch'")
+        _check_fused(name, weight, tgt)
         if name == "triton":
             from .impl.triton import cross_entropy_forward as kernel_fn
         else:
@@ -217,11 +206,44 @@ def cross_entropy(input: Tensor, target, weight: Optional[Tensor] = None, ignore
         kernel = partial(_run_kernel, kernel_fn, tgt, w, ignore_index, ls, softcap, z_loss, ce_g, z_g, return_extras)
         call = FusedCall(kernel, shape3, reduction, ce_denom, z_denom, pos_shape, cdim, bool(inplace_backward), name)
         loss, lse, zrows, pred = fused_cross_entropy(input, call)
+    return _finish(loss, lse, zrows, pred, pos_shape, tgt, target, return_extras)
+
+
+def _settings(tgt: Target, input: Tensor, weight, label_smoothing, z_loss, softcap, reduction, num_items,
+              ignore_index):
+    """Accumulation dtype, weights in it, plain-float options and the reduction's denominators."""
+    acc = _ref.acc_dtype(input.dtype)
+    w = None if weight is None else weight.to(acc)
+    ce_denom, z_denom = _reduce.denominators(tgt, w, reduction, num_items, ignore_index, acc, input.device)
+    return (acc, w, float(label_smoothing), float(z_loss), None if softcap is None else float(softcap), ce_denom,
+            z_denom)
+
+
+def _reference(logits3: Tensor, tgt: Target, weight, ignore_index, ls, softcap, z_loss, reduction, ce_denom,
+               z_denom, pos_shape, dtype):
+    """The torch impl: differentiable per-position terms, reduced like every other impl."""
+    ce, z, lse, pred = _ref.cross_entropy_rows(logits3, tgt, weight, ignore_index, ls, softcap, z_loss)
+    loss = _reduce.reduce_rows(ce, z, reduction, ce_denom, z_denom, pos_shape, dtype)
+    return loss, lse, (z.detach() if z is not None else torch.zeros_like(lse)), pred
+
+
+def _check_fused(name: str, weight: Optional[Tensor], tgt: Target) -> None:
+    """The fused impls differentiate the logits (or input and projection) only."""
+    if weight is not None and weight.requires_grad:
+        raise ValueError(f"weight requires grad, but impl={name!r} does not differentiate class weights; "
+                         "pass weight.detach() or use impl='torch'")
+    if tgt.requires_grad:
+        raise ValueError(f"the target requires grad, but impl={name!r} does not differentiate targets; "
+                         "pass target.detach() (the usual case for a teacher's probabilities) or use impl='torch'")
+
+
+def _finish(loss, lse, zrows, pred, pos_shape, tgt, target, return_extras):
+    """Deferred target checks, then the loss or ``(loss, extras)``."""
     check_after(tgt, target, loss)
     if not return_extras:
         return loss
-    extras = {"lse": lse.reshape(pos_shape), "z_loss": zrows.reshape(pos_shape), "predicted": pred.reshape(pos_shape)}
-    return loss, extras
+    return loss, {"lse": lse.reshape(pos_shape), "z_loss": zrows.reshape(pos_shape),
+                  "predicted": pred.reshape(pos_shape)}
 
 
 def _run_kernel(kernel_fn, tgt: Target, w, ignore_index, ls, softcap, z_loss, ce_g, z_g, want_pred, x3, grad3):
@@ -357,27 +379,16 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target, linear_bi
                    + torch.arange(T - 1, device=input.device)).reshape(-1)
     cdim = len(pos_shape)
     tgt = normalize_target(target, _Like(pos_shape + (V,), input.device), cdim, target_format, ignore_index)
-    acc = _ref.acc_dtype(input.dtype)
-    w = None if weight is None else weight.to(acc)
-    ls = float(label_smoothing)
-    z_loss = float(z_loss)
-    softcap = None if softcap is None else float(softcap)
-    ce_denom, z_denom = _reduce.denominators(tgt, w, reduction, num_items, ignore_index, acc, input.device)
+    acc, w, ls, z_loss, softcap, ce_denom, z_denom = _settings(tgt, input, weight, label_smoothing, z_loss, softcap,
+                                                               reduction, num_items, ignore_index)
 
     if name == "torch":
         x = input[..., :-1, :] if shift else input
         logits = torch.nn.functional.linear(x, linear_weight, linear_bias)
-        ce, z, lse, pred = _ref.cross_entropy_rows(logits.reshape(-1, V).unsqueeze(2), tgt, weight, ignore_index,
-                                                   ls, softcap, z_loss)
-        loss = _reduce.reduce_rows(ce, z, reduction, ce_denom, z_denom, pos_shape, input.dtype)
-        zrows = z.detach() if z is not None else torch.zeros_like(lse)
+        loss, lse, zrows, pred = _reference(logits.reshape(-1, V).unsqueeze(2), tgt, weight, ignore_index, ls,
+                                            softcap, z_loss, reduction, ce_denom, z_denom, pos_shape, input.dtype)
     else:
-        if weight is not None and weight.requires_grad:
-            raise ValueError(f"weight requires grad, but impl={name!r} does not differentiate class weights; "
-                             "pass weight.detach() or use impl='torch'")
-        if tgt.requires_grad:
-            raise ValueError(f"the target requires grad, but impl={name!r} does not differentiate targets; "
-                             "pass target.detach() or use impl='torch'")
+        _check_fused(name, weight, tgt)
         ce_g = _reduce.grad_scale(ce_denom, acc, input.device)
         z_g = _reduce.grad_scale(z_denom, acc, input.device)
         x2 = input.reshape(-1, H)
@@ -394,8 +405,4 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target, linear_bi
 
         call = LinearCall(kernel, reduction, ce_denom, z_denom, pos_shape, name)
         loss, lse, zrows, pred = fused_linear_cross_entropy(x2, linear_weight, linear_bias, call)
-    check_after(tgt, target, loss)
-    if not return_extras:
-        return loss
-    return loss, {"lse": lse.reshape(pos_shape), "z_loss": zrows.reshape(pos_shape),
-                  "predicted": pred.reshape(pos_shape)}
+    return _finish(loss, lse, zrows, pred, pos_shape, tgt, target, return_extras)

@@ -109,24 +109,40 @@ class _FusedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *_):
         call: FusedCall = ctx.call
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                f"crossent: impl={call.impl_name!r} computes its gradient during the forward and cannot give a second "
-                "derivative (backward with create_graph=True); use impl='torch' for double backward")
-        grad = ctx.grad
-        if grad is None:
-            raise RuntimeError("crossent: this loss's saved gradient was already released; call backward with "
-                               "retain_graph=True the first time to run backward through it twice")
+        refuse_double_backward(f"impl={call.impl_name!r}")
         go = grad_loss
         if call.reduction == "none" and call.ce_denom is None and go.dim() > 0:
             go = go.unsqueeze(call.cdim)
-        scalar_one = go.dim() == 0 and go.device.type == "cpu" and float(go) == 1.0
-        if keep_graph():
-            return (grad.clone() if scalar_one else grad * go), None
-        ctx.grad = None
-        if not scalar_one:
-            grad.mul_(go)
+        (grad,) = release_scaled(ctx, "grad", go)
         return grad, None
+
+
+def refuse_double_backward(what: str) -> None:
+    """The fused impls form their gradient in the forward: no second derivative."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"crossent: {what} computes its gradient during the forward and cannot give a second derivative "
+            "(backward with create_graph=True); use impl='torch' for double backward")
+
+
+def release_scaled(ctx, attr: str, go: Tensor):
+    """The gradients saved as ``ctx.<attr>`` times the incoming gradient ``go``.
+
+    When autograd frees the graph after this backward they are scaled in place
+    and handed on (no second copy); with ``retain_graph`` they stay intact and
+    scaled copies are returned. ``go == 1`` on the CPU skips the multiply.
+    """
+    grads = getattr(ctx, attr)
+    if grads is None:
+        raise RuntimeError("crossent: this loss's saved gradient was already released; call backward with "
+                           "retain_graph=True the first time to run backward through it twice")
+    if isinstance(grads, Tensor):
+        grads = [grads]
+    one = go.dim() == 0 and go.device.type == "cpu" and float(go) == 1.0
+    if keep_graph():
+        return [None if g is None else (g.clone() if one else g * go.to(g.dtype)) for g in grads]
+    setattr(ctx, attr, None)
+    return [None if g is None else (g if one else g.mul_(go.to(g.dtype))) for g in grads]
 
 
 def fused_cross_entropy(input: Tensor, call: FusedCall):

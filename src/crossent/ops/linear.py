@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .._reduce import reduce_rows
-from .cross_entropy import keep_graph
+from .cross_entropy import refuse_double_backward, release_scaled
 
 
 @dataclass
@@ -51,33 +51,13 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *_):
         call: LinearCall = ctx.call
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                f"crossent: linear_cross_entropy with impl={call.impl_name!r} cannot give a second derivative "
-                "(backward with create_graph=True); use impl='torch' for double backward")
+        refuse_double_backward(f"linear_cross_entropy with impl={call.impl_name!r}")
         if not ctx.fused:
             x2, w, b = ctx.saved_tensors
             _, _, _, _, dx, dw, db = call.kernel(x2, w, b, grad_loss.reshape(-1), ctx.want)
             return dx, dw, db, None
-        grads = ctx.grads
-        if grads is None:
-            raise RuntimeError("crossent: this loss's saved gradients were already released; call backward with "
-                               "retain_graph=True the first time to run backward through it twice")
-        go = grad_loss
-        scalar_one = go.device.type == "cpu" and float(go) == 1.0
-        keep = keep_graph()
-        if not keep:
-            ctx.grads = None
-
-        def scale(g):
-            if g is None:
-                return None
-            if keep:
-                return g.clone() if scalar_one else g * go.to(g.dtype)
-            return g if scalar_one else g.mul_(go.to(g.dtype))
-
-        out = [scale(g) for g in grads]
-        return out[0], out[1], out[2], None
+        dx, dw, db = release_scaled(ctx, "grads", grad_loss)
+        return dx, dw, db, None
 
 
 def fused_linear_cross_entropy(x2: Tensor, w: Tensor, b: Optional[Tensor], call: LinearCall):

@@ -28,6 +28,38 @@ def _tanh(u):
 
 
 @triton.jit
+def _class_weights(W, offs, mask, HAS_W: tl.constexpr):
+    """Class weights of a tile (1 where unweighted, 0 outside the classes)."""
+    if HAS_W:
+        return tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
+    return tl.where(mask, 1.0, 0.0)
+
+
+@triton.jit
+def _smoothed(t, ls, inv_c, HAS_LS: tl.constexpr):
+    """Target probabilities after label smoothing."""
+    if HAS_LS:
+        return t * (1.0 - ls) + ls * inv_c
+    return t
+
+
+@triton.jit
+def _max_shift(m, tmax):
+    """Online max update: ``(m_new, ref, shift)``, ``ref`` the new reference point (0 while the max is -inf)
+    and ``shift`` how far it moved."""
+    m_new = tl.maximum(m, tmax)
+    m_old = tl.where(m == float("-inf"), 0.0, m)
+    ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, ref, ref - m_old
+
+
+@triton.jit
+def _shifted_sum(acc, total, shift, c, d, axis: tl.constexpr):
+    """``sum c * (ref - x)`` kept against a moving reference; ``0 * inf`` counts 0."""
+    return acc + tl.where(total == 0.0, 0.0, total * shift) + tl.sum(tl.where(c == 0.0, 0.0, c * d), axis)
+
+
+@triton.jit
 def ce_fwd_kernel(
     X, sxp, sxc, sxq,  # logits viewed as [P, C, Q]
     G, sgp, sgc, sgq,  # gradient out, same view (may alias X)
@@ -70,26 +102,18 @@ def ce_fwd_kernel(
             ti = tl.argmax(x, 0).to(tl.int64) + c0
             besti = tl.where(tmax > best, ti, besti)
             best = tl.maximum(best, tmax)
-        m_new = tl.maximum(m, tmax)
-        m_old = tl.where(m == float("-inf"), 0.0, m)
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        m_new, m_ref, shift = _max_shift(m, tmax)
         s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(x - m_ref), 0)
         m = m_new
-        shift = m_ref - m_old
         dx = m_ref - x
-        if HAS_W:
-            wc = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
-        else:
-            wc = tl.where(mask, 1.0, 0.0)
+        wc = _class_weights(W, offs, mask, HAS_W)
         if IS_PROBS:
-            t = tl.load(prow + offs * spc, mask=mask, other=0.0).to(tl.float32)
-            if HAS_LS:
-                t = t * (1.0 - ls) + ls * inv_c
+            t = _smoothed(tl.load(prow + offs * spc, mask=mask, other=0.0).to(tl.float32), ls, inv_c, HAS_LS)
             qc = tl.where(mask, t * wc, 0.0)
-            qd += tl.where(qs == 0.0, 0.0, qs * shift) + tl.sum(tl.where(qc == 0.0, 0.0, qc * dx), 0)
+            qd = _shifted_sum(qd, qs, shift, qc, dx, 0)
             qs += tl.sum(qc, 0)
         elif HAS_LS:
-            wd += tl.where(ws == 0.0, 0.0, ws * shift) + tl.sum(tl.where(wc == 0.0, 0.0, wc * dx), 0)
+            wd = _shifted_sum(wd, ws, shift, wc, dx, 0)
             ws += tl.sum(wc, 0)
     logs = tl.log(s)
     lse = m + logs
@@ -140,14 +164,9 @@ def ce_fwd_kernel(
                 th = _tanh(x / softcap)
                 x = softcap * th
             gr = coef * tl.exp((x - m) - logs)
-            if HAS_W:
-                wc = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
-            else:
-                wc = tl.where(mask, 1.0, 0.0)
+            wc = _class_weights(W, offs, mask, HAS_W)
             if IS_PROBS:
-                t = tl.load(prow + offs * spc, mask=mask, other=0.0).to(tl.float32)
-                if HAS_LS:
-                    t = t * (1.0 - ls) + ls * inv_c
+                t = _smoothed(tl.load(prow + offs * spc, mask=mask, other=0.0).to(tl.float32), ls, inv_c, HAS_LS)
                 gr -= g * t * wc
             elif HAS_LS:
                 gr -= sm * wc
@@ -161,11 +180,7 @@ def ce_fwd_kernel(
             tot = tl.sum(tl.where(same & kmask[None, :], vals[None, :], 0.0), 1)
             gy = coef * tl.exp((xy - m) - logs) - g * tot
             if HAS_LS:
-                if HAS_W:
-                    wy = tl.load(W + cols, mask=kmask, other=0.0).to(tl.float32)
-                else:
-                    wy = tl.where(kmask, 1.0, 0.0)
-                gy -= sm * wy
+                gy -= sm * _class_weights(W, cols, kmask, HAS_W)
             if HAS_CAP:
                 gy *= 1.0 - thy * thy
             tl.store(grow + cols * sgc, gy.to(G.dtype.element_ty), mask=kmask)

@@ -16,7 +16,7 @@ skipped (an approximation; off by default).
 import triton
 import triton.language as tl
 
-from .kernels import _tanh
+from .kernels import _class_weights, _max_shift, _shifted_sum, _smoothed, _tanh
 
 
 @triton.jit
@@ -80,28 +80,20 @@ def lce_fwd_kernel(
             ti = tl.argmax(x, 1).to(tl.int64) + v0
             besti = tl.where(tmax > best, ti, besti)
             best = tl.maximum(best, tmax)
-        m_new = tl.maximum(m, tmax)
-        m_old = tl.where(m == float("-inf"), 0.0, m)
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        m_new, m_ref, shift = _max_shift(m, tmax)
         s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(x - m_ref[:, None]), 1)
         m = m_new
-        shift = m_ref - m_old
         dx = m_ref[:, None] - x
-        if HAS_CW:
-            wc = tl.load(CW + v, mask=vmask, other=0.0).to(tl.float32)
-        else:
-            wc = tl.where(vmask, 1.0, 0.0)
+        wc = _class_weights(CW, v, vmask, HAS_CW)
         if IS_PROBS:
             t = tl.load(PROB + r[:, None] * spr + v[None, :] * spv, mask=rmask[:, None] & vmask[None, :],
                         other=0.0).to(tl.float32)
-            if HAS_LS:
-                t = t * (1.0 - ls) + ls * inv_v
-            q = tl.where(vmask[None, :], t * wc[None, :], 0.0)
-            qd += tl.where(qs == 0.0, 0.0, qs * shift) + tl.sum(tl.where(q == 0.0, 0.0, q * dx), 1)
+            q = tl.where(vmask[None, :], _smoothed(t, ls, inv_v, HAS_LS) * wc[None, :], 0.0)
+            qd = _shifted_sum(qd, qs, shift, q, dx, 1)
             qs += tl.sum(q, 1)
         elif HAS_LS:
             wcb = wc[None, :] + tl.zeros([BM, BV], dtype=tl.float32)
-            wd += tl.where(ws == 0.0, 0.0, ws * shift) + tl.sum(tl.where(wcb == 0.0, 0.0, wcb * dx), 1)
+            wd = _shifted_sum(wd, ws, shift, wcb, dx, 1)
             ws += tl.sum(wcb, 1)
     logs = tl.log(s)
 
@@ -188,16 +180,11 @@ def lce_bwd_kernel(
     coef = tl.load(MASS + r, mask=rmask, other=0.0) * g
     if HAS_Z:
         coef += 2.0 * z_loss * tl.load(Z_G).to(tl.float32) * (m + logs) * rv
-    if HAS_CW:
-        wc = tl.load(CW + v, mask=vmask, other=0.0).to(tl.float32)
-    else:
-        wc = tl.where(vmask, 1.0, 0.0)
+    wc = _class_weights(CW, v, vmask, HAS_CW)
     dl = coef[:, None] * p
     if IS_PROBS:
         t = tl.load(PROB + r[:, None] * spr + v[None, :] * spv, mask=valid, other=0.0).to(tl.float32)
-        if HAS_LS:
-            t = t * (1.0 - ls) + ls * inv_v
-        dl -= g * tl.where(valid, t * wc[None, :], 0.0)
+        dl -= g * tl.where(valid, _smoothed(t, ls, inv_v, HAS_LS) * wc[None, :], 0.0)
     else:
         for j in tl.static_range(KP):
             jm = rmask & ((r * 0 + j) < K)
