@@ -30,3 +30,12 @@ def test_bench_worker_measures():
 def test_cli_info_runs():
     out = subprocess.run([sys.executable, "-m", "crossent", "info"], capture_output=True, text=True, check=True).stdout
     assert crossent.__version__ in out
+
+
+def test_examples_run():
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parent.parent / "examples"
+    for script in sorted(root.glob("*.py")):
+        proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+        assert proc.returncode == 0, f"{script.name}: {proc.stderr[-1000:]}"
