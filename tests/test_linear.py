@@ -17,7 +17,7 @@ def grads(fn, tensors, go_shape_from_loss=True, seed=0):
     ts = [t.detach().clone().requires_grad_(True) if t is not None else None for t in tensors]
     loss = fn(*ts)
     g = torch.Generator().manual_seed(seed)
-    go = torch.randn(loss.shape, generator=g, dtype=loss.dtype)
+    go = torch.randn(loss.shape, generator=g, dtype=torch.float64).to(loss.dtype)  # same draw for every dtype
     out = torch.autograd.grad(loss, [t for t in ts if t is not None], go)
     return loss.detach(), out
 

@@ -12,7 +12,7 @@ from oracle import EXACT_DTYPE, IMPLS, assert_close, assert_close64, assert_no_w
 
 
 @st.composite
-def problems(draw, dtypes=(torch.float64, torch.float32, torch.float16)):
+def problems(draw, dtypes=(torch.float64, torch.float32, torch.float16, torch.bfloat16)):
     layout = draw(st.sampled_from(["2d", "unbatched", "kdim", "last"]))
     C = draw(st.integers(1, 9))
     N = draw(st.integers(1, 6))
@@ -84,8 +84,8 @@ def _run(p, impl, **extra):
 @pytest.mark.parametrize("impl", IMPLS)
 @given(p=problems())
 def test_parity_with_pytorch(impl, p):
-    if impl == "triton" and p["dtype"] == torch.float64:
-        p["dtype"] = torch.float32
+    if impl == "triton" and p["dtype"] in (torch.float64, torch.bfloat16):  # the interpreter has no bfloat16
+        p["dtype"] = {torch.float64: torch.float32, torch.bfloat16: torch.float16}[p["dtype"]]
     (lo, go), (lt, gt), (le, ge) = _run(p, impl)
     assert lo.dtype == lt.dtype and lo.shape == lt.shape
     assert go.dtype == gt.dtype and go.shape == gt.shape
