@@ -52,8 +52,12 @@ def test_no_host_sync_with_checks_off():
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            loss = crossent.cross_entropy(x, t, impl="triton", z_loss=1e-4, label_smoothing=0.1)
-            loss.backward()
+            crossent.cross_entropy(x, t, impl="triton", z_loss=1e-4, label_smoothing=0.1).backward()
+            crossent.cross_entropy(x, t, impl="triton", num_items=700).backward()
+            crossent.cross_entropy(x, torch.softmax(x.detach(), 1), impl="triton").backward()
+            W = torch.randn(1000, 64, device="cuda", requires_grad=True)
+            h = torch.randn(4, 128, 64, device="cuda", requires_grad=True)
+            crossent.linear_cross_entropy(h, W, t.reshape(4, 128), impl="triton", shift=True).backward()
         finally:
             torch.cuda.set_sync_debug_mode("default")
     finally:

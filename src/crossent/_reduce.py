@@ -27,7 +27,9 @@ def denominators(tgt: Target, weight: Optional[Tensor], reduction: str, num_item
     ``num_items`` replaces both.
     """
     if num_items is not None:
-        d = torch.as_tensor(num_items, dtype=acc, device=device)
+        # a Python count becomes a device fill, not a host-to-device copy (which would sync on CUDA)
+        d = (num_items.to(device=device, dtype=acc).reshape(()) if isinstance(num_items, Tensor)
+             else torch.full((), float(num_items), dtype=acc, device=device))
         return d, d
     if reduction != "mean":
         return None, None
@@ -39,7 +41,7 @@ def denominators(tgt: Target, weight: Optional[Tensor], reduction: str, num_item
         w = weight[tgt.index.clamp(0, weight.numel() - 1)] * valid
         return w.sum(), count
     m = tgt.probs.shape[0] * tgt.probs.shape[2] if tgt.kind == "probs" else tgt.sp_index.shape[0] * tgt.sp_index.shape[1]
-    d = torch.tensor(float(m), dtype=acc, device=device)
+    d = torch.full((), float(m), dtype=acc, device=device)
     return d, d
 
 
