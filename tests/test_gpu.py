@@ -46,18 +46,24 @@ def test_triton_no_worse_than_torch(dtype, kind, C):
 def test_no_host_sync_with_checks_off():
     x = torch.randn(512, 1000, device="cuda", requires_grad=True)
     t = torch.randint(0, 1000, (512,), device="cuda")
+    p = torch.softmax(torch.randn(512, 1000, device="cuda"), 1)
+    W = torch.randn(1000, 64, device="cuda", requires_grad=True)
+    h = torch.randn(4, 128, 64, device="cuda", requires_grad=True)
+    calls = [
+        lambda: crossent.cross_entropy(x, t, impl="triton", z_loss=1e-4, label_smoothing=0.1),
+        lambda: crossent.cross_entropy(x, t, impl="triton", num_items=700),
+        lambda: crossent.cross_entropy(x, p, impl="triton"),
+        lambda: crossent.linear_cross_entropy(h, W, t.reshape(4, 128), impl="triton", shift=True),
+    ]
     prev = crossent.set_checks(False)
     try:
-        crossent.cross_entropy(x, t, impl="triton").backward()  # compile first
+        for call in calls:  # compile the kernels first
+            call().backward()
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            crossent.cross_entropy(x, t, impl="triton", z_loss=1e-4, label_smoothing=0.1).backward()
-            crossent.cross_entropy(x, t, impl="triton", num_items=700).backward()
-            crossent.cross_entropy(x, torch.softmax(x.detach(), 1), impl="triton").backward()
-            W = torch.randn(1000, 64, device="cuda", requires_grad=True)
-            h = torch.randn(4, 128, 64, device="cuda", requires_grad=True)
-            crossent.linear_cross_entropy(h, W, t.reshape(4, 128), impl="triton", shift=True).backward()
+            for call in calls:
+                call().backward()
         finally:
             torch.cuda.set_sync_debug_mode("default")
     finally:
