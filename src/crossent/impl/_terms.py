@@ -10,6 +10,12 @@ from torch import Tensor
 from ..targets import Target
 
 
+def host_reads_free(t: Tensor) -> bool:
+    """Whether reading a value of ``t`` on the host costs nothing: a CPU tensor outside torch.compile
+    (on CUDA it would sync; under torch.compile it would break the graph)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def sparse_terms(tgt: Target, w: Optional[Tensor], label_smoothing: float, ignore_index: int, C: int,
                  acc: torch.dtype) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """``(cols, vals, row_valid)`` for index and sparse targets, rows flattened.

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..targets import Target
-from ._terms import sparse_terms
+from ._terms import host_reads_free, sparse_terms
 from .torch import acc_dtype
 
 # Elements per chunk: small enough to stay in cache, big enough that the
@@ -93,7 +93,7 @@ def cross_entropy_forward(x3: Tensor, tgt: Target, weight: Optional[Tensor], ign
     # Scratch buffers, allocated once: a fresh multi-MB temporary per chunk costs page faults.
     scratch = _Scratch(rows, C, acc, dev)
     # On CPU the gradient scale is read once (no device sync there) to fuse it into the ops.
-    g = float(ce_gscale) if dev.type == "cpu" else ce_gscale
+    g = float(ce_gscale) if host_reads_free(ce_gscale) else ce_gscale
     for p0 in range(0, P, slabs):
         p1 = min(P, p0 + slabs)
         r0, r1 = p0 * Q, p1 * Q
@@ -184,7 +184,7 @@ def _masked_dot(q: Tensor, d: Tensor) -> Tensor:
     prod = d.mul_(q)
     dot = prod.sum(1)
     nan = torch.isnan(dot)
-    if dot.device.type == "cpu" and not bool(nan.any()):
+    if host_reads_free(dot) and not bool(nan.any()):
         return dot
     fixed = prod.masked_fill_(q == 0, 0).sum(1)
     return torch.where(nan, fixed, dot)

@@ -17,10 +17,13 @@ import torch
 from torch import Tensor
 
 from .._reduce import reduce_rows
+from ..impl._terms import host_reads_free
 
 
 def keep_graph() -> bool:
     """Whether the running backward keeps the graph (``retain_graph``); True if unknown."""
+    if torch.compiler.is_compiling():
+        return True
     getter = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
     if getter is None:
         return True
@@ -89,18 +92,20 @@ class _FusedCrossEntropy(torch.autograd.Function):
     def forward(ctx, input: Tensor, call: FusedCall):
         x3 = input.reshape(call.shape3)
         grad = grad3 = None
-        if input.requires_grad:
-            if call.inplace and x3.untyped_storage().data_ptr() == input.untyped_storage().data_ptr():
+        traced = torch.compiler.is_compiling()
+        if ctx.needs_input_grad[0]:
+            if call.inplace and not traced and x3.untyped_storage().data_ptr() == input.untyped_storage().data_ptr():
                 grad, grad3 = input.detach(), x3  # x3 is a view of the input: write the gradient over it
             else:
                 grad = torch.empty(input.shape, dtype=input.dtype, device=input.device)
-                _advise_huge_pages(grad)
+                if not traced:
+                    _advise_huge_pages(grad)
                 grad3 = grad.view(call.shape3)
         ce, z, lse, pred = call.kernel(x3, grad3)
         loss = reduce_rows(ce, z, call.reduction, call.ce_denom, call.z_denom, call.pos_shape, input.dtype)
         if grad3 is x3:
             torch.autograd.graph.increment_version(input)  # anything that saved the logits now errors, not misleads
-        ctx.grad = grad
+        save_gradients(ctx, "grad", grad)
         ctx.call = call
         zrows = z if z is not None else torch.zeros_like(lse)
         ctx.mark_non_differentiable(lse, zrows, *(() if pred is None else (pred,)))
@@ -125,6 +130,20 @@ def refuse_double_backward(what: str) -> None:
             "(backward with create_graph=True); use impl='torch' for double backward")
 
 
+def save_gradients(ctx, attr: str, grads) -> None:
+    """Keep the gradients formed in the forward for the backward.
+
+    Eagerly they are a plain attribute, so that the backward can release them
+    and scale them in place (no second copy). Under torch.compile they are
+    saved tensors, which the compiler traces and plans memory for.
+    """
+    if torch.compiler.is_compiling():
+        ctx.save_for_backward(*(grads if isinstance(grads, list) else [grads]))
+        setattr(ctx, attr, "saved")
+    else:
+        setattr(ctx, attr, grads)
+
+
 def release_scaled(ctx, attr: str, go: Tensor):
     """The gradients saved as ``ctx.<attr>`` times the incoming gradient ``go``.
 
@@ -133,12 +152,14 @@ def release_scaled(ctx, attr: str, go: Tensor):
     scaled copies are returned. ``go == 1`` on the CPU skips the multiply.
     """
     grads = getattr(ctx, attr)
+    if isinstance(grads, str):  # traced by torch.compile: functional scaling
+        return [None if g is None else g * go.to(g.dtype) for g in ctx.saved_tensors]
     if grads is None:
         raise RuntimeError("crossent: this loss's saved gradient was already released; call backward with "
                            "retain_graph=True the first time to run backward through it twice")
     if isinstance(grads, Tensor):
         grads = [grads]
-    one = go.dim() == 0 and go.device.type == "cpu" and float(go) == 1.0
+    one = go.dim() == 0 and host_reads_free(go) and float(go) == 1.0
     if keep_graph():
         return [None if g is None else (g.clone() if one else g * go.to(g.dtype)) for g in grads]
     setattr(ctx, attr, None)

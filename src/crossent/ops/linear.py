@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .._reduce import reduce_rows
-from .cross_entropy import refuse_double_backward, release_scaled
+from .cross_entropy import refuse_double_backward, release_scaled, save_gradients
 
 
 @dataclass
@@ -34,14 +34,14 @@ class LinearCall:
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2: Tensor, w: Tensor, b: Optional[Tensor], call: LinearCall):
-        want = (x2.requires_grad, w.requires_grad, b is not None and b.requires_grad)
+        want = tuple(bool(n) for n in ctx.needs_input_grad[:3])
         scalar = not (call.reduction == "none" and call.ce_denom is None)
         fused = scalar and any(want)
         ce, z, lse, pred, dx, dw, db = call.kernel(x2, w, b, None, want if fused else (False, False, False))
         loss = reduce_rows(ce, z, call.reduction, call.ce_denom, call.z_denom, call.pos_shape, x2.dtype)
         ctx.call, ctx.fused, ctx.want = call, fused, want
         if fused:
-            ctx.grads = [dx, dw, db]
+            save_gradients(ctx, "grads", [dx, dw, db])
         else:
             ctx.save_for_backward(x2, w, b)
         zrows = z if z is not None else torch.zeros_like(lse)
@@ -62,4 +62,12 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
 def fused_linear_cross_entropy(x2: Tensor, w: Tensor, b: Optional[Tensor], call: LinearCall):
     """``(loss, lse, z, predicted)`` through the fused linear autograd function."""
+    if call.reduction == "none" and call.ce_denom is None:
+        return _eager_apply(x2, w, b, call)
+    return _FusedLinearCrossEntropy.apply(x2, w, b, call)
+
+
+@torch.compiler.disable
+def _eager_apply(x2: Tensor, w: Tensor, b: Optional[Tensor], call: LinearCall):
+    """reduction='none' recomputes in its backward, which torch.compile cannot trace: one graph break."""
     return _FusedLinearCrossEntropy.apply(x2, w, b, call)
