@@ -191,3 +191,12 @@ def test_strided_and_kdim_input(impl):
     assert_close(lo, le, dt)
     assert_close(go, ge, dt)
     assert x.shape == (6, 10)
+
+
+def test_sparse_target_to_moves_both_and_casts_values_only():
+    st_ = SparseTarget(torch.tensor([[1, 2]]), torch.tensor([[0.25, 0.75]]))
+    moved = st_.to("cpu", torch.float64)
+    assert moved.indices.dtype == torch.int64 and moved.values.dtype == torch.float64
+    assert torch.equal(moved.indices, st_.indices)
+    assert st_.to(dtype=torch.float16).values.dtype == torch.float16
+    assert torch.equal(st_.to_dense(4), torch.tensor([[0.0, 0.25, 0.75, 0.0]]))
