@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-
 from torch import Tensor, nn
 
 from .functional import check_options, cross_entropy, linear_cross_entropy

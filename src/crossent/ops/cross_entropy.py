@@ -107,9 +107,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
             torch.autograd.graph.increment_version(input)  # anything that saved the logits now errors, not misleads
         save_gradients(ctx, "grad", grad)
         ctx.call = call
-        zrows = z if z is not None else torch.zeros_like(lse)
-        ctx.mark_non_differentiable(lse, zrows, *(() if pred is None else (pred,)))
-        return loss, lse, zrows, pred
+        return with_extras(ctx, loss, lse, z, pred)
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
@@ -120,6 +118,13 @@ class _FusedCrossEntropy(torch.autograd.Function):
             go = go.unsqueeze(call.cdim)
         (grad,) = release_scaled(ctx, "grad", go)
         return grad, None
+
+
+def with_extras(ctx, loss: Tensor, lse: Tensor, z: Optional[Tensor], pred: Optional[Tensor]):
+    """The forward's outputs: the loss, then the per-position extras (not differentiable)."""
+    zrows = z if z is not None else torch.zeros_like(lse)
+    ctx.mark_non_differentiable(lse, zrows, *(() if pred is None else (pred,)))
+    return loss, lse, zrows, pred
 
 
 def refuse_double_backward(what: str) -> None:

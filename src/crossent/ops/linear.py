@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .._reduce import reduce_rows
-from .cross_entropy import refuse_double_backward, release_scaled, save_gradients
+from .cross_entropy import refuse_double_backward, release_scaled, save_gradients, with_extras
 
 
 @dataclass
@@ -44,9 +44,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             save_gradients(ctx, "grads", [dx, dw, db])
         else:
             ctx.save_for_backward(x2, w, b)
-        zrows = z if z is not None else torch.zeros_like(lse)
-        ctx.mark_non_differentiable(lse, zrows, *(() if pred is None else (pred,)))
-        return loss, lse, zrows, pred
+        return with_extras(ctx, loss, lse, z, pred)
 
     @staticmethod
     def backward(ctx, grad_loss, *_):

@@ -44,6 +44,13 @@ def _smoothed(t, ls, inv_c, HAS_LS: tl.constexpr):
 
 
 @triton.jit
+def _track_argmax(x, tmax, best, besti, c0, axis: tl.constexpr):
+    """Running (max, argmax) over class tiles; ties keep the first class."""
+    ti = tl.argmax(x, axis).to(tl.int64) + c0
+    return tl.maximum(best, tmax), tl.where(tmax > best, ti, besti)
+
+
+@triton.jit
 def _max_shift(m, tmax):
     """Online max update: ``(m_new, ref, shift)``, ``ref`` the new reference point (0 while the max is -inf)
     and ``shift`` how far it moved."""
@@ -99,9 +106,7 @@ def ce_fwd_kernel(
             x = tl.where(mask, softcap * _tanh(x / softcap), float("-inf"))
         tmax = tl.max(x, 0)
         if WANT_PRED:
-            ti = tl.argmax(x, 0).to(tl.int64) + c0
-            besti = tl.where(tmax > best, ti, besti)
-            best = tl.maximum(best, tmax)
+            best, besti = _track_argmax(x, tmax, best, besti, c0, 0)
         m_new, m_ref, shift = _max_shift(m, tmax)
         s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(x - m_ref), 0)
         m = m_new

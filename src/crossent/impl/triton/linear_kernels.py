@@ -16,7 +16,7 @@ skipped (an approximation; off by default).
 import triton
 import triton.language as tl
 
-from .kernels import _class_weights, _max_shift, _shifted_sum, _smoothed, _tanh
+from .kernels import _class_weights, _max_shift, _shifted_sum, _smoothed, _tanh, _track_argmax
 
 
 @triton.jit
@@ -77,9 +77,7 @@ def lce_fwd_kernel(
         x = tl.where(vmask[None, :], x, float("-inf"))
         tmax = tl.max(x, 1)
         if WANT_PRED:
-            ti = tl.argmax(x, 1).to(tl.int64) + v0
-            besti = tl.where(tmax > best, ti, besti)
-            best = tl.maximum(best, tmax)
+            best, besti = _track_argmax(x, tmax, best, besti, v0, 1)
         m_new, m_ref, shift = _max_shift(m, tmax)
         s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(x - m_ref[:, None]), 1)
         m = m_new
