@@ -97,12 +97,17 @@ def test_linear_matches_materialized_logits(impl, p):
         assert_close(a, e, dt, "grad")
 
 
+@pytest.mark.parametrize("onednn", [True, False])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_float32_no_worse_than_torch_and_n1(reduction):
-    for N, V in ((1, 7), (33, 1001)):
+def test_float32_no_worse_than_torch_and_n1(reduction, onednn, monkeypatch):
+    # CPU float32 chunk GEMMs go through oneDNN by default; torch.mm when it is off
+    monkeypatch.setattr(crossent.impl.chunked, "_ONEDNN", onednn and torch.backends.mkldnn.is_available())
+    for N, V, tied in ((1, 7, False), (33, 1001, False), (40, 300, True)):
         g = torch.Generator().manual_seed(N)
         x = torch.randn(N, 24, generator=g)
         W = torch.randn(V, 24, generator=g) / 4
+        if tied:  # a transposed view, as a tied embedding stored [H, V] gives
+            W = W.t().contiguous().t()
         b = torch.randn(V, generator=g)
         t = torch.randint(0, V, (N,), generator=g)
         lo, go = grads(lambda x, W, b: crossent.linear_cross_entropy(x, W, t, b, reduction=reduction, chunk_size=5),

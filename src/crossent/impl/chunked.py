@@ -16,6 +16,7 @@ for label smoothing) and ``S = sum(m)``.
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -207,6 +208,30 @@ class _Scratch:
 
 # --------------------------------------------------------------------------- linear + cross-entropy
 
+# CPU float32 GEMMs with a thin side (a chunk of rows against the whole vocabulary) go through
+# oneDNN when torch has it: MKL's float32 sgemm takes its AVX2 path on AMD CPUs and loses a
+# further ~25% on 64-row operands, while oneDNN uses AVX-512 where the CPU has it (about 2x on a
+# Zen 5 EPYC; see benchmarks/results). ``CROSSENT_ONEDNN=0`` turns this off.
+_ONEDNN = os.environ.get("CROSSENT_ONEDNN", "1") != "0" and torch.backends.mkldnn.is_available()
+
+
+def _use_onednn(x: Tensor, w: Tensor) -> bool:
+    # not while compiling: inductor lowers this op only for frozen (constant) weights
+    return (_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
+            and x.dim() == 2 and x.is_contiguous() and (w.is_contiguous() or w.t().is_contiguous())
+            and x.shape[0] > 0 and x.shape[1] > 0 and w.shape[0] > 0 and not torch.compiler.is_compiling())
+
+
+def linear(x: Tensor, w: Tensor, bias: Optional[Tensor] = None, out: Optional[Tensor] = None) -> Tensor:
+    """``x @ w.T + bias`` for a ``[n, k]`` chunk ``x`` (``w`` ``[m, k]``, any strides): oneDNN on
+    CPU float32 (see ``_ONEDNN``), else ``torch.addmm``/``torch.mm`` into ``out`` when given."""
+    if _use_onednn(x, w):
+        return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
+    if bias is not None:
+        return torch.addmm(bias, x, w.t(), out=out) if out is not None else torch.addmm(bias, x, w.t())
+    return torch.mm(x, w.t(), out=out) if out is not None else torch.mm(x, w.t())
+
+
 # Bytes of float32 logits per row chunk of linear_cross_entropy when chunk_size is not given.
 LINEAR_CHUNK_BYTES = 8 << 20
 
@@ -257,19 +282,17 @@ def linear_cross_entropy_forward(x2: Tensor, row_ids: Optional[Tensor], weight_v
     lse = torch.empty(M, dtype=acc, device=dev)
     pred = torch.empty(M, dtype=torch.long, device=dev) if want_predicted else None
     n = linear_chunk_rows(M, V, chunk_size)
-    # one logits buffer for every chunk (a fresh multi-MB buffer per chunk costs page faults)
-    buf = torch.empty((min(n, M), V), dtype=x2.dtype, device=dev)
-    buf_acc = buf if x2.dtype == acc else None
+    # one logits buffer for every chunk (a fresh multi-MB buffer per chunk costs page faults);
+    # oneDNN returns a fresh one instead, which the allocator recycles chunk to chunk
+    onednn = _use_onednn(x2[:1], weight_v)
+    buf = None if onednn else torch.empty((min(n, M), V), dtype=x2.dtype, device=dev)
     for r0 in range(0, M, n):
         r1 = min(M, r0 + n)
         ids = None if row_ids is None else row_ids[r0:r1]
         xc = x2[r0:r1] if ids is None else x2.index_select(0, ids)
-        lo = buf[: r1 - r0]
-        if bias is not None:
-            torch.addmm(bias, xc, weight_v.t(), out=lo)
-        else:
-            torch.mm(xc, weight_v.t(), out=lo)
-        logits = lo if buf_acc is not None else lo.to(acc)
+        lo = logits = l3 = dl = None  # drop the last chunk's logits before making the next
+        lo = linear(xc, weight_v, bias, out=None if buf is None else buf[: r1 - r0])
+        logits = lo if lo.dtype == acc else lo.to(acc)
         l3 = logits.unsqueeze(2)
         c, zc, lc, pc = cross_entropy_forward(l3, tgt.rows(r0, r1), class_weight, ignore_index, label_smoothing,
                                               softcap, z_loss, ce_gscale, z_gscale, l3 if need_grad else None,
@@ -293,7 +316,7 @@ def linear_cross_entropy_forward(x2: Tensor, row_ids: Optional[Tensor], weight_v
             else:
                 dw.addmm_(dl.t(), xc.to(acc))
         if dx is not None:
-            dxc = dl.to(weight_v.dtype) @ weight_v
+            dxc = linear(dl.to(weight_v.dtype), weight_v.t())
             if ids is None:
                 dx[r0:r1] = dxc
             else:
