@@ -300,7 +300,9 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target, linear_bi
             style of Cut Cross-Entropy). Default: ``"auto"`` (triton on CUDA,
             else chunked).
         chunk_size (int, optional): rows per chunk; default: chosen from ``V``
-            (about 8 MiB of float32 logits, at least 32 rows).
+            (about 8 MiB of float32 logits, at least 32 rows). On CPU in
+            float32 the chunk matmuls run on oneDNN (``CROSSENT_ONEDNN=0``:
+            ``torch.mm`` instead).
         process_group: vocab-parallel mode (not available yet).
         filter_eps (float, optional): triton only: skip the backward's
             (row block, vocab tile) pairs whose logit gradient is below this
