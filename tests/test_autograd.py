@@ -3,6 +3,7 @@ used twice, retain_graph, inplace_backward; second derivatives."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import crossent
 from oracle import EXACT_DTYPE, IMPLS, assert_close, assert_close64
@@ -177,3 +178,35 @@ def test_module_used_in_a_training_step_matches_torch():
     crossent.CrossEntropyLoss(label_smoothing=0.1)(net(x), t).backward()
     torch.nn.CrossEntropyLoss(label_smoothing=0.1)(ref(x), t).backward()
     assert_close64(net.weight.grad, ref.weight.grad)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "triton"])
+def test_no_grad_does_no_gradient_work(impl, monkeypatch):
+    # under torch.no_grad a leaf that requires grad gets no gradient: the fused forward must not
+    # form one (no [N, C] buffer, no matmuls for dX/dW), nor write over the logits with inplace_backward
+    x = torch.randn(6, 9, requires_grad=True)
+    t = torch.randint(0, 9, (6,))
+    before = x.detach().clone()
+    with torch.no_grad():
+        got = crossent.cross_entropy(x, t, impl=impl, inplace_backward=True)
+    assert torch.equal(x.detach(), before)
+    assert_close(got, F.cross_entropy(x.detach().double(), t), torch.float32)
+    if impl != "chunked":
+        return
+    import crossent.impl.chunked as chunked
+
+    seen = []
+    real = chunked.linear_cross_entropy_forward
+
+    def spy(*args, **kwargs):
+        seen.append(args[12])  # want_grads
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(chunked, "linear_cross_entropy_forward", spy)
+    W = torch.randn(13, 9, requires_grad=True)
+    with torch.no_grad():
+        lo = crossent.linear_cross_entropy(x, W, t, impl="chunked")
+    assert seen == [(False, False, False)]
+    assert_close(lo, F.cross_entropy(x.detach().double() @ W.detach().double().T, t), torch.float32)
+    crossent.linear_cross_entropy(x, W, t, impl="chunked").backward()
+    assert seen[-1] == (True, True, False) and x.grad is not None and W.grad is not None

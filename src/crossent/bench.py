@@ -1,5 +1,5 @@
 """Side-by-side benchmarks: each (case, impl) in a fresh process, median time of
-forward+backward, and peak memory beyond the inputs.
+forward+backward (or of either alone), and peak memory beyond the inputs.
 
 Peak memory on CPU: after a warm-up step, the process's high-water mark is
 reset (``/proc/self/clear_refs``) and ``VmHWM`` minus the resident size just
@@ -95,14 +95,13 @@ def _make_step(impl: str, kind: str, N: int, V: int, dtype: torch.dtype, device:
     else:
         raise ValueError(f"unknown impl {impl!r}")
 
-    def step():
+    def reset():
         if inplace:
             with torch.no_grad():
                 x.copy_(x0)  # the previous step wrote its gradient over the logits
         x.grad = None
-        fn(x, target).backward()
 
-    return step, (x, x0, target)
+    return (lambda: fn(x, target)), reset, (x, x0, target)
 
 
 def _make_linear_step(impl: str, N: int, H: int, V: int, dtype: torch.dtype, device: str):
@@ -144,33 +143,61 @@ def _make_linear_step(impl: str, N: int, H: int, V: int, dtype: torch.dtype, dev
     else:
         raise ValueError(f"unknown impl {impl!r}")
 
-    def step():
+    def reset():
         x.grad = w.grad = None
-        fn(x, w, t).backward()
 
-    return step, (x, w, t)
+    return (lambda: fn(x, w, t)), reset, (x, w, t)
+
+
+PHASES = {"": "loss+gradient", "loss": "loss", "grad": "gradient"}
+
+
+def _timed_step(forward: Callable, reset: Callable, phase: str, sync: Callable) -> Callable[[], float]:
+    """One step of ``phase`` returning its seconds: ``""`` forward+backward, ``"loss"`` the forward
+    alone (no autograd graph), ``"grad"`` the backward alone (after an untimed forward)."""
+    if phase not in PHASES:
+        raise ValueError(f"unknown phase {phase!r}: use one of {sorted(PHASES)}")
+
+    def step() -> float:
+        reset()
+        if phase == "loss":
+            sync()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                forward()
+        elif phase == "grad":
+            loss = forward()
+            sync()
+            t0 = time.perf_counter()
+            loss.backward()
+        else:
+            sync()
+            t0 = time.perf_counter()
+            forward().backward()
+        sync()
+        return time.perf_counter() - t0
+
+    return step
 
 
 def run_worker(impl: str, kind: str, N: int, V: int, dtype: str, device: str, reps: int, H: int = 0,
                warmup: int = 2) -> Dict:
+    """One measurement in this process. ``kind`` is ``index``, ``probs`` or ``linear``, optionally
+    with a phase: ``linear:loss`` times the forward alone, ``linear:grad`` the backward alone."""
     torch.manual_seed(0)
     dt = getattr(torch, dtype)
-    if kind == "linear":
-        step, keep = _make_linear_step(impl, N, H, V, dt, device)
+    base_kind, _, phase = kind.partition(":")
+    if base_kind == "linear":
+        forward, reset, keep = _make_linear_step(impl, N, H, V, dt, device)
     else:
-        step, keep = _make_step(impl, kind, N, V, dt, device)
+        forward, reset, keep = _make_step(impl, base_kind, N, V, dt, device)
     cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    step = _timed_step(forward, reset, phase, sync)
     for _ in range(warmup):
         step()
     sync()
-    times = []
-    for _ in range(reps):
-        sync()
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
+    times = [step() for _ in range(reps)]
     for k in keep:
         k.grad = None
     gc.collect()
@@ -190,8 +217,10 @@ def run_worker(impl: str, kind: str, N: int, V: int, dtype: str, device: str, re
             "time_ms": statistics.median(times) * 1e3 if times else float("nan"), "peak_mb": peak / 2**20,
             # achieved bandwidth counting one read of the logits and one write of the gradient
             "gbps": 2 * N * V * dt.itemsize / statistics.median(times) / 1e9 if times else float("nan"),
-            # linear + cross-entropy: 6 N H V flops (logits, input gradient, weight gradient)
-            "tflops": 6 * N * H * V / statistics.median(times) / 1e12 if times and H else float("nan"),
+            # linear + cross-entropy: 6 N H V flops (logits, input gradient, weight gradient); the
+            # forward alone 2 N H V, the backward alone 4 N H V
+            "tflops": {"loss": 2, "grad": 4}.get(phase, 6) * N * H * V / statistics.median(times) / 1e12
+            if times and H else float("nan"),
             "logits_mb": N * V * dt.itemsize / 2**20}
 
 
@@ -286,7 +315,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--impls", default="torch,compile,auto,auto_inplace")
-    ap.add_argument("--kinds", default="index,probs")
+    ap.add_argument("--kinds", default="index,probs",
+                    help="index, probs, linear; a ':loss' or ':grad' suffix times the forward or the backward alone")
     ap.add_argument("--H", type=int, default=0, help="hidden size: with --kinds linear, linear_cross_entropy")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)

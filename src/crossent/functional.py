@@ -204,7 +204,8 @@ def cross_entropy(input: Tensor, target, weight: Optional[Tensor] = None, ignore
         ce_g = _reduce.grad_scale(ce_denom, acc, input.device)
         z_g = _reduce.grad_scale(z_denom, acc, input.device)
         kernel = partial(_run_kernel, kernel_fn, tgt, w, ignore_index, ls, softcap, z_loss, ce_g, z_g, return_extras)
-        call = FusedCall(kernel, shape3, reduction, ce_denom, z_denom, pos_shape, cdim, bool(inplace_backward), name)
+        call = FusedCall(kernel, shape3, reduction, ce_denom, z_denom, pos_shape, cdim, bool(inplace_backward), name,
+                         torch.is_grad_enabled())
         loss, lse, zrows, pred = fused_cross_entropy(input, call)
     return _finish(loss, lse, zrows, pred, pos_shape, tgt, target, return_extras)
 
@@ -405,6 +406,6 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target, linear_bi
             return lin_fn(x2_, row_ids, w_, b_, tgt, w, ignore_index, ls, softcap, z_loss, ce_g, z_g, want,
                           return_extras, chunk_size, row_scale, **extra)
 
-        call = LinearCall(kernel, reduction, ce_denom, z_denom, pos_shape, name)
+        call = LinearCall(kernel, reduction, ce_denom, z_denom, pos_shape, name, torch.is_grad_enabled())
         loss, lse, zrows, pred = fused_linear_cross_entropy(x2, linear_weight, linear_bias, call)
     return _finish(loss, lse, zrows, pred, pos_shape, tgt, target, return_extras)

@@ -85,6 +85,7 @@ class FusedCall:
     cdim: int
     inplace: bool
     impl_name: str
+    grad_enabled: bool = True  # torch.is_grad_enabled() at the call: no gradient work under no_grad
 
 
 class _FusedCrossEntropy(torch.autograd.Function):
@@ -93,7 +94,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
         x3 = input.reshape(call.shape3)
         grad = grad3 = None
         traced = torch.compiler.is_compiling()
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and call.grad_enabled:
             if call.inplace and not traced and x3.untyped_storage().data_ptr() == input.untyped_storage().data_ptr():
                 grad, grad3 = input.detach(), x3  # x3 is a view of the input: write the gradient over it
             else:

@@ -29,12 +29,13 @@ class LinearCall:
     z_denom: Optional[Tensor]
     pos_shape: torch.Size
     impl_name: str
+    grad_enabled: bool = True  # torch.is_grad_enabled() at the call: no gradient work under no_grad
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2: Tensor, w: Tensor, b: Optional[Tensor], call: LinearCall):
-        want = tuple(bool(n) for n in ctx.needs_input_grad[:3])
+        want = tuple(bool(n) and call.grad_enabled for n in ctx.needs_input_grad[:3])
         scalar = not (call.reduction == "none" and call.ce_denom is None)
         fused = scalar and any(want)
         ce, z, lse, pred, dx, dw, db = call.kernel(x2, w, b, None, want if fused else (False, False, False))
