@@ -223,3 +223,17 @@ def test_empty_batch_gives_zero_gradients(impl):
     loss = crossent.linear_cross_entropy(x, W, torch.zeros(0, dtype=torch.long), reduction="sum", impl=impl)
     loss.backward()
     assert loss.item() == 0 and W.grad is not None and not W.grad.any()
+
+
+def test_default_chunk_rows_follow_device_and_free_memory(monkeypatch):
+    from crossent.impl import chunked
+
+    V = 32000
+    assert chunked.linear_chunk_rows(2048, V) == (8 << 20) // (4 * V) == 65
+    assert chunked.linear_chunk_rows(10, V) == 10 and chunked.linear_chunk_rows(2048, V, 7) == 7
+    assert chunked.linear_chunk_rows(4096, 10**7) == 32  # never below 32 rows
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100 << 30, 140 << 30))
+    assert chunked.linear_chunk_rows(8192, V, device=cuda) == (512 << 20) // (4 * V)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (256 << 20, 140 << 30))
+    assert chunked.linear_chunk_rows(8192, V, device=cuda) == (32 << 20) // (4 * V)

@@ -300,8 +300,10 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target, linear_bi
             the reference) | ``"chunked"`` | ``"triton"`` (tiled kernels in the
             style of Cut Cross-Entropy). Default: ``"auto"`` (triton on CUDA,
             else chunked).
-        chunk_size (int, optional): rows per chunk; default: chosen from ``V``
-            (about 8 MiB of float32 logits, at least 32 rows). On CPU in
+        chunk_size (int, optional): rows per chunk of the ``chunked`` impl;
+            default: chosen from ``V`` and the device (about 8 MiB of float32
+            logits on CPU; on CUDA up to 512 MiB, at most 1/8 of the free
+            memory; at least 32 rows). On CPU in
             float32 the chunk matmuls run on oneDNN (``CROSSENT_ONEDNN=0``:
             ``torch.mm`` instead).
         process_group: vocab-parallel mode (not available yet).

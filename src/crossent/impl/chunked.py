@@ -212,7 +212,8 @@ class _Scratch:
 # oneDNN when torch has it: MKL's float32 sgemm takes its AVX2 path on AMD CPUs and loses a
 # further ~25% on 64-row operands, while oneDNN uses AVX-512 where the CPU has it (about 2x on a
 # Zen 5 EPYC; see benchmarks/results). ``CROSSENT_ONEDNN=0`` turns this off.
-_ONEDNN = os.environ.get("CROSSENT_ONEDNN", "1") != "0" and torch.backends.mkldnn.is_available()
+_ONEDNN = (os.environ.get("CROSSENT_ONEDNN", "1") != "0" and torch.backends.mkldnn.is_available()
+           and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
 def _use_onednn(x: Tensor, w: Tensor) -> bool:
@@ -232,17 +233,29 @@ def linear(x: Tensor, w: Tensor, bias: Optional[Tensor] = None, out: Optional[Te
     return torch.mm(x, w.t(), out=out) if out is not None else torch.mm(x, w.t())
 
 
-# Bytes of float32 logits per row chunk of linear_cross_entropy when chunk_size is not given.
+# Bytes of float32 logits per row chunk of linear_cross_entropy when chunk_size is not given: on
+# CPU a tenth of what the eager computation holds at LM shapes, with matmuls still efficient; on
+# CUDA GEMMs want thousands of rows, so up to LINEAR_CHUNK_BYTES_CUDA, at most 1/8 of free memory.
 LINEAR_CHUNK_BYTES = 8 << 20
+LINEAR_CHUNK_BYTES_CUDA = 512 << 20
 
 
-def linear_chunk_rows(M: int, V: int, chunk_size: Optional[int] = None) -> int:
-    """Rows per chunk: ``chunk_size`` if given, else what fits ``LINEAR_CHUNK_BYTES`` of float32
-    logits, at least 32 rows (the weight-gradient update reads and writes all of ``[V, H]`` once
-    per chunk, so tiny chunks would make it memory-bound)."""
+def _chunk_bytes(device: Optional[torch.device]) -> int:
+    if device is None or device.type != "cuda":
+        return LINEAR_CHUNK_BYTES
+    if torch.compiler.is_compiling():
+        return LINEAR_CHUNK_BYTES_CUDA
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(LINEAR_CHUNK_BYTES, min(LINEAR_CHUNK_BYTES_CUDA, free // 8))
+
+
+def linear_chunk_rows(M: int, V: int, chunk_size: Optional[int] = None, device: Optional[torch.device] = None) -> int:
+    """Rows per chunk: ``chunk_size`` if given, else what fits the device's chunk budget of float32
+    logits (``_chunk_bytes``), at least 32 rows (the weight-gradient update reads and writes all
+    of ``[V, H]`` once per chunk, so tiny chunks would make it memory-bound)."""
     if chunk_size is not None:
         return max(1, min(int(chunk_size), max(M, 1)))
-    return max(1, min(max(M, 1), max(32, LINEAR_CHUNK_BYTES // (4 * max(V, 1)))))
+    return max(1, min(max(M, 1), max(32, _chunk_bytes(device) // (4 * max(V, 1)))))
 
 
 def linear_cross_entropy_forward(x2: Tensor, row_ids: Optional[Tensor], weight_v: Tensor, bias: Optional[Tensor],
@@ -281,7 +294,7 @@ def linear_cross_entropy_forward(x2: Tensor, row_ids: Optional[Tensor], weight_v
     z = torch.empty(M, dtype=acc, device=dev) if z_loss else None
     lse = torch.empty(M, dtype=acc, device=dev)
     pred = torch.empty(M, dtype=torch.long, device=dev) if want_predicted else None
-    n = linear_chunk_rows(M, V, chunk_size)
+    n = linear_chunk_rows(M, V, chunk_size, dev)
     # one logits buffer for every chunk (a fresh multi-MB buffer per chunk costs page faults);
     # oneDNN returns a fresh one instead, which the allocator recycles chunk to chunk
     onednn = _use_onednn(x2[:1], weight_v)
