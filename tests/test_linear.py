@@ -237,3 +237,29 @@ def test_default_chunk_rows_follow_device_and_free_memory(monkeypatch):
     assert chunked.linear_chunk_rows(8192, V, device=cuda) == (512 << 20) // (4 * V)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (256 << 20, 140 << 30))
     assert chunked.linear_chunk_rows(8192, V, device=cuda) == (32 << 20) // (4 * V)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "triton"])
+def test_float16_inputs_accumulate_in_float32(impl):
+    # half-precision hidden states and weights (the interpreter has no bf16): the loss and every
+    # gradient no worse than PyTorch's own half-precision computation, against float64
+    from oracle import assert_no_worse
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(37, 24, generator=g)
+    W = torch.randn(301, 24, generator=g) / 2
+    b = torch.randn(301, generator=g)
+    t = torch.randint(0, 301, (37,), generator=g)
+    t[4] = -100
+    half = [a.half() for a in (x, W, b)]
+    lo, go = grads(lambda x, W, b: crossent.linear_cross_entropy(x, W, t, b, label_smoothing=0.1, impl=impl), half)
+    assert lo.dtype == torch.float16 and all(a.dtype == torch.float16 for a in go)
+
+    def eager(x, W, b):
+        return F.cross_entropy(F.linear(x, W, b), t, label_smoothing=0.1)
+
+    le, ge = grads(eager, [a.double() for a in (x, W, b)])
+    lt, gt = grads(eager, half)
+    assert_no_worse(lo, lt, le, torch.float16, factor=3)
+    for a, th, e in zip(go, gt, ge):
+        assert_no_worse(a, th, e, torch.float16, "grad", factor=3)
