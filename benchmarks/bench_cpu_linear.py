@@ -20,8 +20,9 @@ if __name__ == "__main__":
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--skip-large", action="store_true")
     a = ap.parse_args()
-    # chunked: the default chunk (memory first); chunked@256: larger chunks trade memory for matmul speed
-    impls = ["torch", "compile", "cce_torch_compile", "chunked", "chunked@256"]
+    # chunked: the default chunk (memory first); chunked@256: larger chunks trade memory for matmul
+    # speed; chunked_mm: the default chunk with torch.mm (MKL) instead of oneDNN
+    impls = ["torch", "compile", "cce_torch_compile", "chunked", "chunked@256", "chunked_mm"]
     rows = bench.compare(impls, ["linear"], 2048, 32000, "float32", "cpu", a.reps, H=512,
                          progress=lambda s: print(f"measuring {s} ...", flush=True))
     bench.print_table(rows, "linear_cross_entropy forward+backward, N=2048 H=512 V=32000 float32, CPU")
