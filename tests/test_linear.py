@@ -71,11 +71,11 @@ def materialized(p, x, W, b):
                       softcap=p["cap"])
 
 
-@pytest.mark.parametrize("impl", LIN_IMPLS)
+@pytest.mark.parametrize("impl,dt", [(i, EXACT_DTYPE[i]) for i in LIN_IMPLS] + [("chunked", torch.float32)])
 @given(p=lin_problems())
-def test_linear_matches_materialized_logits(impl, p):
-    """float64 for torch/chunked; float32 for triton (the interpreter), against the float64 oracle."""
-    dt = EXACT_DTYPE[impl]
+def test_linear_matches_materialized_logits(impl, dt, p):
+    """float64 for torch/chunked, float32 for triton (the interpreter) and for chunked (its CPU
+    float32 GEMMs run on oneDNN), against the float64 oracle."""
     t = p["t"]
     if isinstance(t, SparseTarget):
         t = SparseTarget(t.indices, t.values.to(dt))
