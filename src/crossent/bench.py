@@ -259,8 +259,9 @@ def run_case(impl: str, kind: str, N: int, V: int, dtype: str, device: str, reps
 
 def compare(impls: List[str], kinds: List[str], N: int, V: int, dtype: str = "float32", device: str = "cpu",
             reps: int = 7, baseline: str = "torch", progress: Optional[Callable[[str], None]] = None,
-            H: int = 0, warmup: int = 2) -> List[Dict]:
-    """Measure every (kind, impl) and add ratios against ``baseline`` of the same kind."""
+            H: int = 0, warmup: int = 2, on_row: Optional[Callable[[List[Dict]], None]] = None) -> List[Dict]:
+    """Measure every (kind, impl) and add ratios against ``baseline`` of the same kind.
+    ``on_row(rows)`` is called after each measurement (a caller under a time limit keeps what it has)."""
     rows = []
     for kind in kinds:
         base = None
@@ -273,6 +274,8 @@ def compare(impls: List[str], kinds: List[str], N: int, V: int, dtype: str = "fl
             if impl == baseline:
                 base = r
             rows.append(r)
+            if on_row:
+                on_row(rows)
         for r in rows:
             if r["kind"] == kind and base is not None:
                 r["time_ratio"] = r["time_ms"] / base["time_ms"]
@@ -332,7 +335,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         return
     rows = compare(a.impls.split(","), a.kinds.split(","), a.N, a.V, a.dtype, a.device, a.reps,
                    progress=lambda s: print(f"measuring {s} ...", file=sys.stderr, flush=True), H=a.H,
-                   warmup=a.warmup)
+                   warmup=a.warmup, on_row=(lambda rs: write_csv(rs, a.csv)) if a.csv else None)
     print_table(rows, f"cross_entropy forward+backward, [{a.N}, {a.V}] {a.dtype} on {a.device}")
     if a.csv:
         write_csv(rows, a.csv)
