@@ -263,3 +263,81 @@ def test_float16_inputs_accumulate_in_float32(impl):
     assert_no_worse(lo, lt, le, torch.float16, factor=3)
     for a, th, e in zip(go, gt, ge):
         assert_no_worse(a, th, e, torch.float16, "grad", factor=3)
+
+
+@pytest.mark.parametrize("splits", [2, 3, 7])
+@pytest.mark.parametrize("kind", ["index", "sparse", "probs"])
+def test_triton_forward_vocabulary_splits_merge_exactly(splits, kind, monkeypatch):
+    # on a GPU the forward splits the vocabulary across programs when rows are few; force that
+    # here (16-wide tiles, 2/3/7 splits) and compare loss, extras and gradients with float64
+    from crossent.impl.triton import linear as tl_linear
+
+    monkeypatch.setattr(tl_linear, "BLOCK_V", 16)
+    monkeypatch.setattr(tl_linear, "FWD_SPLITS", splits)
+    g = torch.Generator().manual_seed(splits)
+    N, H, V = 9, 12, 101
+    x = torch.randn(N, H, generator=g)
+    W = torch.randn(V, H, generator=g)
+    W[70] = W[5]  # an exact tie between classes in different splits: predicted keeps the first
+    x[0] = W[5] * 3
+    b = torch.randn(V, generator=g)
+    b[70] = b[5]
+    cw = torch.rand(V, generator=g) + 0.1
+    if kind == "index":
+        t = torch.randint(0, V, (N,), generator=g)
+        t[2] = -100
+    elif kind == "sparse":
+        t = SparseTarget(torch.randint(0, V, (N, 3), generator=g), torch.rand(N, 3, generator=g))
+    else:
+        t = torch.softmax(torch.randn(N, V, generator=g), -1)
+    kw = dict(label_smoothing=0.1, z_loss=0.01, softcap=6.0)
+    if kind != "sparse":
+        kw["weight"] = cw
+
+    xs = [a.clone().requires_grad_(True) for a in (x, W, b)]
+    lo, ex = crossent.linear_cross_entropy(*xs[:2], t, xs[2], impl="triton", return_extras=True, **kw)
+    go = torch.autograd.grad(lo, xs)
+    p = dict(t=t.double() if kind == "probs" else t, shift=False, V=V, ignore_index=-100, reduction="mean",
+             ls=0.1, z=0.01, cap=6.0, weight=kw["weight"].double() if "weight" in kw else None)
+    xd = [a.double().requires_grad_(True) for a in (x, W, b)]
+    le = materialized(p, *xd)
+    ge = torch.autograd.grad(le, xd)
+    capped = 6.0 * torch.tanh(F.linear(*[a.double() for a in (x, W, b)]) / 6.0)
+    assert_close(lo, le.detach(), torch.float32)
+    for a_, e in zip(go, ge):
+        assert_close(a_, e, torch.float32, "grad")
+    assert_close(ex["lse"], torch.logsumexp(capped, -1), torch.float32)
+    assert torch.equal(ex["predicted"], capped.argmax(-1)) and int(ex["predicted"][0]) == 5
+
+
+def test_triton_autotuned_launch_path(monkeypatch):
+    # the GPU launches through triton.autotune (blocks from the chosen config, the backward's
+    # atomic outputs zeroed before each trial); run that path on the interpreter with small
+    # configs and a timer that calls each trial several times, so a missing reset would show
+    from crossent.impl.triton import linear as tl_linear
+
+    monkeypatch.setattr(tl_linear, "_FWD_CONFIGS", [(16, 32, 16, 4, 3), (32, 16, 16, 4, 3)])
+    monkeypatch.setattr(tl_linear, "_BWD_CONFIGS", [(16, 32, 16, 4, 3), (32, 16, 16, 4, 3)])
+    monkeypatch.setattr(tl_linear, "SPLIT_GRAIN", 32)
+    monkeypatch.setattr(tl_linear, "FWD_SPLITS", 3)
+
+    def timer(call, quantiles=None, **_):
+        for _ in range(3):
+            call()
+        return [1.0, 1.0, 1.0]
+
+    kernels = tl_linear.build_kernels(True, do_bench=timer)
+    monkeypatch.setattr(tl_linear, "_kernels", lambda: kernels)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(37, 20, generator=g)
+    W = torch.randn(300, 20, generator=g)
+    b = torch.randn(300, generator=g)
+    t = torch.randint(0, 300, (37,), generator=g)
+    for _ in range(2):  # the first call tunes, the second uses the cached choice
+        lo, go = grads(lambda x, W, b: crossent.linear_cross_entropy(x, W, t, b, label_smoothing=0.1, impl="triton"),
+                       [x, W, b])
+        le, ge = grads(lambda x, W, b: F.cross_entropy(F.linear(x, W, b), t, label_smoothing=0.1),
+                       [x.double(), W.double(), b.double()])
+        assert_close(lo, le, torch.float32)
+        for a, e in zip(go, ge):
+            assert_close(a, e, torch.float32, "grad")

@@ -1,10 +1,13 @@
 """Triton kernels for linear + cross-entropy in the style of Cut Cross-Entropy
 (``@triton.jit`` only; the launcher is :mod:`crossent.impl.triton.linear`).
 
-Forward: one program per block of ``BM`` rows streams the vocabulary in
-``BV``-wide tiles, each a ``[BM, BV]`` tile of logits from a tiled matmul over
-the hidden size, and keeps only per-row online statistics (max, sum-exp,
-argmax, the target terms). Nothing of size ``[N, V]`` is written.
+Forward: one program per (block of ``BM`` rows, split of the vocabulary)
+streams its classes in ``BV``-wide tiles, each a ``[BM, BV]`` tile of logits
+from a tiled matmul over the hidden size, and keeps only per-row online
+statistics (max, sum-exp, argmax, the smoothing or soft-target sums), written
+per split; splitting the vocabulary keeps every SM busy when there are few
+row blocks. A second kernel merges the splits and forms the loss terms.
+Nothing of size ``[N, V]`` is written.
 
 Backward: one program per (row block, vocab tile) recomputes its logits tile,
 forms the logits' gradient in float32 and adds ``dl @ W_tile`` into the input
@@ -45,32 +48,32 @@ def _logits_tile(X, sxr, rows, rmask, W, swv, B, v, vmask, H,
 def lce_fwd_kernel(
     X, sxr, RID, W, swv, B,
     PROB, spr, spv,  # probability targets [M, V]
-    IDX, VAL, K, RV,  # sparse-like targets [M, K]; row validity [M]
-    CW, CWSUM,  # class weights [V] and their sum
-    MX, LOGS, CE, Z, PRED, MASS,  # per-row outputs [M]
-    M, V, H, ls, softcap, z_loss,
+    CW,  # class weights [V]
+    PM, PS, PD, PT, PBEST, PBESTI,  # per-split partial statistics [S, M]
+    M, V, H, SPLIT_V, ls, softcap, MB,  # MB: a bucket of M, for the autotuner's key only
     IS_PROBS: tl.constexpr, HAS_RID: tl.constexpr, HAS_B: tl.constexpr, HAS_CW: tl.constexpr,
-    HAS_RV: tl.constexpr, HAS_LS: tl.constexpr, HAS_CAP: tl.constexpr, HAS_Z: tl.constexpr,
-    WANT_PRED: tl.constexpr, KP: tl.constexpr,
+    HAS_LS: tl.constexpr, HAS_CAP: tl.constexpr, WANT_PRED: tl.constexpr,
     BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
 ):
+    """Program (row block, vocabulary split): online statistics of its ``SPLIT_V`` classes."""
     pid = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
     r = pid * BM + tl.arange(0, BM).to(tl.int64)
     rmask = r < M
     rows = _row_ids(RID, r, rmask, HAS_RID)
     inv_v = 1.0 / V
+    v_lo = split * SPLIT_V
+    v_hi = tl.minimum(v_lo + SPLIT_V, V)
 
     m = tl.zeros([BM], dtype=tl.float32) - float("inf")
     s = tl.zeros([BM], dtype=tl.float32)
     best = tl.zeros([BM], dtype=tl.float32) - float("inf")
     besti = tl.zeros([BM], dtype=tl.int64)
-    wd = tl.zeros([BM], dtype=tl.float32)
-    ws = tl.zeros([BM], dtype=tl.float32)
-    qd = tl.zeros([BM], dtype=tl.float32)
-    qs = tl.zeros([BM], dtype=tl.float32)
-    for v0 in range(0, V, BV):
+    d = tl.zeros([BM], dtype=tl.float32)  # sum c * (ref - x): c the target mass (probs) or w_c (smoothing)
+    tot = tl.zeros([BM], dtype=tl.float32)  # sum c
+    for v0 in range(v_lo, v_hi, BV):
         v = v0 + tl.arange(0, BV).to(tl.int64)
-        vmask = v < V
+        vmask = v < v_hi
         x = _logits_tile(X, sxr, rows, rmask, W, swv, B, v, vmask, H, HAS_B, BM, BV, BK, PREC)
         if HAS_CAP:
             x = softcap * _tanh(x / softcap)
@@ -87,13 +90,68 @@ def lce_fwd_kernel(
             t = tl.load(PROB + r[:, None] * spr + v[None, :] * spv, mask=rmask[:, None] & vmask[None, :],
                         other=0.0).to(tl.float32)
             q = tl.where(vmask[None, :], _smoothed(t, ls, inv_v, HAS_LS) * wc[None, :], 0.0)
-            qd = _shifted_sum(qd, qs, shift, q, dx, 1)
-            qs += tl.sum(q, 1)
+            d = _shifted_sum(d, tot, shift, q, dx, 1)
+            tot += tl.sum(q, 1)
         elif HAS_LS:
             wcb = wc[None, :] + tl.zeros([BM, BV], dtype=tl.float32)
-            wd = _shifted_sum(wd, ws, shift, wcb, dx, 1)
-            ws += tl.sum(wcb, 1)
-    logs = tl.log(s)
+            d = _shifted_sum(d, tot, shift, wcb, dx, 1)
+            tot += tl.sum(wcb, 1)
+    o = split * M + r
+    tl.store(PM + o, m, mask=rmask)
+    tl.store(PS + o, s, mask=rmask)
+    if IS_PROBS or HAS_LS:
+        tl.store(PD + o, d, mask=rmask)
+        tl.store(PT + o, tot, mask=rmask)
+    if WANT_PRED:
+        tl.store(PBEST + o, best, mask=rmask)
+        tl.store(PBESTI + o, besti, mask=rmask)
+
+
+@triton.jit
+def lce_fin_kernel(
+    X, sxr, RID, W, swv, B,
+    PM, PS, PD, PT, PBEST, PBESTI, S,  # the forward's partial statistics [S, M]
+    IDX, VAL, K, RV,  # sparse-like targets [M, K]; row validity [M]
+    CWSUM,  # the class weights' sum
+    MX, LOGS, CE, Z, PRED, MASS,  # per-row outputs [M]
+    M, V, H, ls, softcap, z_loss,
+    IS_PROBS: tl.constexpr, HAS_RID: tl.constexpr, HAS_B: tl.constexpr, HAS_CW: tl.constexpr,
+    HAS_RV: tl.constexpr, HAS_LS: tl.constexpr, HAS_CAP: tl.constexpr, HAS_Z: tl.constexpr,
+    WANT_PRED: tl.constexpr, KP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+):
+    """Program per row block: merge the splits' statistics, then the loss terms (the target logits
+    by a ``[BM, K]`` gather of rows of ``W``)."""
+    pid = tl.program_id(0).to(tl.int64)
+    r = pid * BM + tl.arange(0, BM).to(tl.int64)
+    rmask = r < M
+    rows = _row_ids(RID, r, rmask, HAS_RID)
+    inv_v = 1.0 / V
+
+    m = tl.zeros([BM], dtype=tl.float32) - float("inf")
+    s = tl.zeros([BM], dtype=tl.float32)
+    best = tl.zeros([BM], dtype=tl.float32) - float("inf")
+    besti = tl.zeros([BM], dtype=tl.int64)
+    d = tl.zeros([BM], dtype=tl.float32)
+    tot = tl.zeros([BM], dtype=tl.float32)
+    for j in range(0, S):
+        o = j * M + r
+        pm = tl.load(PM + o, mask=rmask, other=float("-inf"))
+        ps = tl.load(PS + o, mask=rmask, other=0.0)
+        pref = tl.where(pm == float("-inf"), 0.0, pm)  # the reference the split's sums are kept against
+        m_new, m_ref, shift = _max_shift(m, pm)
+        s = s * tl.exp(m - m_ref) + ps * tl.exp(pref - m_ref)
+        if IS_PROBS or HAS_LS:
+            pd = tl.load(PD + o, mask=rmask, other=0.0)
+            pt = tl.load(PT + o, mask=rmask, other=0.0)
+            d = d + tl.where(tot == 0.0, 0.0, tot * shift) + pd + tl.where(pt == 0.0, 0.0, pt * (m_ref - pref))
+            tot += pt
+        m = m_new
+        if WANT_PRED:
+            pb = tl.load(PBEST + o, mask=rmask, other=float("-inf"))
+            pbi = tl.load(PBESTI + o, mask=rmask, other=0)
+            besti = tl.where(pb > best, pbi, besti)  # ties keep the earlier split: the first class
+            best = tl.maximum(best, pb)
+    logs = tl.log(tl.where(rmask, s, 1.0))  # rows past M: no log(0)
 
     rv = tl.zeros([BM], dtype=tl.float32) + 1.0
     if HAS_RV:
@@ -102,8 +160,8 @@ def lce_fwd_kernel(
     if HAS_CW:
         wsum = tl.load(CWSUM).to(tl.float32)
     if IS_PROBS:
-        ce = qs * logs + qd
-        mass = qs
+        ce = tot * logs + d
+        mass = tot
     else:
         kk = tl.arange(0, KP)
         km = rmask[:, None] & (kk[None, :] < K)
@@ -125,7 +183,7 @@ def lce_fwd_kernel(
         ce = tl.sum(tl.where(vals == 0.0, 0.0, vals * ((m[:, None] - xy) + logs[:, None])), 1)
         mass = tl.sum(vals, 1)
         if HAS_LS:
-            ce += ls * inv_v * (wsum * logs + wd) * rv
+            ce += ls * inv_v * (wsum * logs + d) * rv
             mass += ls * inv_v * wsum * rv
     tl.store(MX + r, m, mask=rmask)
     tl.store(LOGS + r, logs, mask=rmask)
@@ -146,7 +204,7 @@ def lce_bwd_kernel(
     CW, MX, LOGS, MASS, RS,  # RS: per-row incoming gradient (reduction='none')
     CE_G, Z_G,
     DX, DW, DB,  # float32 accumulators [R, H], [V, H], [V]
-    M, V, H, ls, softcap, z_loss, filter_eps,
+    M, V, H, ls, softcap, z_loss, filter_eps, MB,  # MB: a bucket of M, for the autotuner's key only
     IS_PROBS: tl.constexpr, HAS_RID: tl.constexpr, HAS_B: tl.constexpr, HAS_CW: tl.constexpr,
     HAS_RV: tl.constexpr, HAS_LS: tl.constexpr, HAS_CAP: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_RS: tl.constexpr, NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
