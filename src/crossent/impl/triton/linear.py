@@ -60,10 +60,6 @@ def build_kernels(tuned: bool, do_bench=None):
     return fwd, lce_fin_kernel, bwd, True
 
 
-def _bucket(M: int) -> int:
-    return _pow2(M)
-
-
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -141,16 +137,16 @@ def linear_cross_entropy_forward(x2: Tensor, row_ids: Optional[Tensor], weight_v
     fwd[lambda meta: (triton_cdiv(M, meta["BM"]), S)](
         x2, x2.stride(0), rid, w, w.stride(0), bias if bias is not None else dummy,
         prob, prob.stride(0), prob.stride(1), cw if cw is not None else dummy,
-        pm, ps, pd, pt, pb, pbi, M, V, H, split_v, ls, cap, _bucket(M),
+        pm, ps, pd, pt, pb, pbi, M, V, H, split_v, ls, cap, _pow2(M),
         WANT_PRED=want_predicted, PREC=prec, **flags, **blocks)
+    # the flags of the kernels that form the loss terms (finish) and their gradient (backward)
+    flags.update(HAS_RV=rv is not None, HAS_Z=bool(z_loss), KP=_pow2(K, lo=1))
     fin[(triton_cdiv(M, FIN_BM),)](
         x2, x2.stride(0), rid, w, w.stride(0), bias if bias is not None else dummy,
         pm, ps, pd, pt, pb, pbi, S, idx, vals, K, rv if rv is not None else dummy,
         cw.sum().reshape(1) if cw is not None else dummy,
         mx, logs, ce, z if z is not None else dummy, pred if pred is not None else dummy, mass,
-        M, V, H, ls, cap, float(z_loss), HAS_RV=rv is not None, HAS_Z=bool(z_loss), WANT_PRED=want_predicted,
-        KP=_pow2(K, lo=1), BM=FIN_BM, BK=bk, **flags)
-    common = dict(HAS_RV=rv is not None, HAS_Z=bool(z_loss), KP=_pow2(K, lo=1), PREC=prec, **flags, **blocks)
+        M, V, H, ls, cap, float(z_loss), WANT_PRED=want_predicted, BM=FIN_BM, BK=bk, **flags)
     lse = mx + logs
     if any(want_grads):
         dx = torch.zeros(x2.shape, dtype=f32, device=dev) if need_dx else dummy
@@ -163,9 +159,9 @@ def linear_cross_entropy_forward(x2: Tensor, row_ids: Optional[Tensor], weight_v
             cw if cw is not None else dummy, mx, logs, mass,
             row_scale.to(f32).contiguous() if row_scale is not None else dummy,
             ce_gscale.to(f32).reshape(1), z_gscale.to(f32).reshape(1),
-            dx, dw, db, M, V, H, ls, cap, float(z_loss), float(filter_eps or 0.0), _bucket(M),
+            dx, dw, db, M, V, H, ls, cap, float(z_loss), float(filter_eps or 0.0), _pow2(M),
             HAS_RS=row_scale is not None, NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db,
-            FILTER=filter_eps is not None, **common)
+            FILTER=filter_eps is not None, PREC=prec, **flags, **blocks)
         dx = dx.to(x2.dtype) if need_dx else None
         dw = dw.to(weight_v.dtype) if need_dw else None
         db = db.to(bias.dtype) if need_db else None

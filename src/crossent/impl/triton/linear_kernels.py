@@ -23,10 +23,15 @@ from .kernels import _class_weights, _max_shift, _shifted_sum, _smoothed, _tanh,
 
 
 @triton.jit
-def _row_ids(RID, r, rmask, HAS_RID: tl.constexpr):
+def _row_block(pid, RID, M, HAS_RID: tl.constexpr, BM: tl.constexpr):
+    """Positions ``r`` of row block ``pid``, their mask, and the rows of ``X`` they read (through
+    ``RID`` when ``shift`` skips each sequence's last position)."""
+    r = pid * BM + tl.arange(0, BM).to(tl.int64)
+    rmask = r < M
+    rows = r
     if HAS_RID:
-        return tl.load(RID + r, mask=rmask, other=0).to(tl.int64)
-    return r
+        rows = tl.load(RID + r, mask=rmask, other=0).to(tl.int64)
+    return r, rmask, rows
 
 
 @triton.jit
@@ -56,11 +61,8 @@ def lce_fwd_kernel(
     BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
 ):
     """Program (row block, vocabulary split): online statistics of its ``SPLIT_V`` classes."""
-    pid = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
-    r = pid * BM + tl.arange(0, BM).to(tl.int64)
-    rmask = r < M
-    rows = _row_ids(RID, r, rmask, HAS_RID)
+    r, rmask, rows = _row_block(tl.program_id(0).to(tl.int64), RID, M, HAS_RID, BM)
     inv_v = 1.0 / V
     v_lo = split * SPLIT_V
     v_hi = tl.minimum(v_lo + SPLIT_V, V)
@@ -121,10 +123,7 @@ def lce_fin_kernel(
 ):
     """Program per row block: merge the splits' statistics, then the loss terms (the target logits
     by a ``[BM, K]`` gather of rows of ``W``)."""
-    pid = tl.program_id(0).to(tl.int64)
-    r = pid * BM + tl.arange(0, BM).to(tl.int64)
-    rmask = r < M
-    rows = _row_ids(RID, r, rmask, HAS_RID)
+    r, rmask, rows = _row_block(tl.program_id(0).to(tl.int64), RID, M, HAS_RID, BM)
     inv_v = 1.0 / V
 
     m = tl.zeros([BM], dtype=tl.float32) - float("inf")
@@ -143,7 +142,8 @@ def lce_fin_kernel(
         if IS_PROBS or HAS_LS:
             pd = tl.load(PD + o, mask=rmask, other=0.0)
             pt = tl.load(PT + o, mask=rmask, other=0.0)
-            d = d + tl.where(tot == 0.0, 0.0, tot * shift) + pd + tl.where(pt == 0.0, 0.0, pt * (m_ref - pref))
+            # rebase both sums on m_ref: ours moved by shift, the split's by m_ref - pref
+            d = _shifted_sum(d + pd, tot, shift, pt[:, None], (m_ref - pref)[:, None], 1)
             tot += pt
         m = m_new
         if WANT_PRED:
@@ -211,11 +211,8 @@ def lce_bwd_kernel(
     FILTER: tl.constexpr, KP: tl.constexpr,
     BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid_m = tl.program_id(0).to(tl.int64)
     pid_v = tl.program_id(1).to(tl.int64)
-    r = pid_m * BM + tl.arange(0, BM).to(tl.int64)
-    rmask = r < M
-    rows = _row_ids(RID, r, rmask, HAS_RID)
+    r, rmask, rows = _row_block(tl.program_id(0).to(tl.int64), RID, M, HAS_RID, BM)
     v = pid_v * BV + tl.arange(0, BV).to(tl.int64)
     vmask = v < V
     inv_v = 1.0 / V
