@@ -3,7 +3,8 @@ encoding, explains misuse, and runs fused (less memory, less time)."""
 
 from .functional import cross_entropy, linear_cross_entropy
 from .modules import CrossEntropyLoss, LinearCrossEntropyLoss
-from .targets import SparseTarget, checks_enabled, diagnose, set_checks
+from .diagnose import diagnose
+from .targets import SparseTarget, checks_enabled, set_checks
 
 __version__ = "0.1.0"
 
