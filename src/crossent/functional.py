@@ -1,80 +1,28 @@
-"""Argument checks, defaults and dispatch to an impl."""
+"""The public loss functions: check the arguments, build the options, resolve the impl, call it.
+
+This layer knows PyTorch's argument conventions and nothing of kernels; the
+impls (:mod:`crossent.impl`) know nothing of argument conventions.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
-from functools import partial
-from numbers import Number
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from . import _reduce
-from .impl import chunked as _chunked
-from .impl import torch as _ref
-from .ops import fused_cross_entropy, fused_linear_cross_entropy
-from .ops.cross_entropy import FusedCall
-from .ops.linear import LinearCall
-from .targets import SparseTarget, Target, check_after, class_dim, normalize_target
+from .impl import reference
+from .impl.common import acc_dtype
+from .impl.registry import Resolved, check_supported, resolve
+from .ops import (FusedCall, LinearCall, check_inplace, check_not_overwritten, fused_cross_entropy,
+                  fused_linear_cross_entropy)
+from .options import Options, check_target_format, make_options
+from .reduction import plan_reduction
+from .targets import ProbsTarget, SparseTarget, Target, _fmt, check_after, class_dim, normalize_target
 
 __all__ = ["cross_entropy", "linear_cross_entropy"]
-
-IMPLS = ("auto", "torch", "chunked", "triton")
-
-
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-def resolve_impl(impl: str, device: torch.device) -> str:
-    """The impl that runs: ``auto`` is triton on CUDA when triton imports, else chunked."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl={impl!r} is not one of {', '.join(repr(i) for i in IMPLS)}")
-    if impl == "auto":
-        return "triton" if device.type == "cuda" and _triton_available() else "chunked"
-    return impl
-
-
-def check_options(reduction: str, label_smoothing, z_loss, softcap, num_items) -> None:
-    """Validate the options shared by every loss in crossent."""
-    if reduction not in _reduce.REDUCTIONS:
-        raise ValueError(f"reduction={reduction!r} is not one of 'none', 'mean', 'sum'")
-    if not isinstance(label_smoothing, Number) or isinstance(label_smoothing, bool) \
-            or not 0.0 <= float(label_smoothing) <= 1.0:
-        raise ValueError(f"label_smoothing={label_smoothing!r} must be a number in [0, 1] (0 turns it off)")
-    if not isinstance(z_loss, Number) or isinstance(z_loss, bool) or not math.isfinite(z_loss) or z_loss < 0:
-        raise ValueError(f"z_loss={z_loss!r} must be a finite number >= 0 (a typical value is 1e-4; 0 turns it off)")
-    if softcap is not None and (not isinstance(softcap, Number) or isinstance(softcap, bool)
-                                or not math.isfinite(softcap) or softcap <= 0):
-        raise ValueError(f"softcap={softcap!r} must be None or a finite number > 0 (for example 30.0)")
-    if num_items is not None:
-        if reduction == "none":
-            raise ValueError("num_items divides the summed loss, so it needs reduction='mean' or 'sum', not 'none'")
-        if isinstance(num_items, Tensor):
-            if num_items.numel() != 1:
-                raise ValueError(f"num_items must be a number or a one-element tensor, got shape {list(num_items.shape)}")
-        elif not isinstance(num_items, Number) or isinstance(num_items, bool) or not num_items > 0:
-            raise ValueError(f"num_items={num_items!r} must be a count > 0 (the number of target positions it "
-                             "stands for, summed over micro-batches or ranks)")
-
-
-def check_weight(weight: Optional[Tensor], C: int, device: torch.device, name: str = "weight") -> None:
-    if weight is None:
-        return
-    if not isinstance(weight, Tensor):
-        raise TypeError(f"{name} must be a 1-D tensor of {C} class weights, got {type(weight).__name__}")
-    if weight.dim() != 1 or weight.numel() != C:
-        raise ValueError(f"{name} has shape {list(weight.shape)} but the input has {C} classes: "
-                         f"pass a 1-D tensor of length {C}")
-    if not weight.dtype.is_floating_point:
-        raise TypeError(f"{name} must be floating, got {weight.dtype}; use {name}.float()")
-    if weight.device != device:
-        raise ValueError(f"{name} is on {weight.device} but input on {device}; move it with {name}.to(input.device)")
 
 
 def cross_entropy(input: Tensor, target, weight: Optional[Tensor] = None, ignore_index: int = -100,
@@ -175,103 +123,89 @@ def cross_entropy(input: Tensor, target, weight: Optional[Tensor] = None, ignore
     C = input.shape[cdim]
     if C == 0:
         raise ValueError(f"input {list(input.shape)} has 0 classes at dim {cdim}")
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    check_options(reduction, label_smoothing, z_loss, softcap, num_items)
-    check_weight(weight, C, input.device)
+    opts = make_options(classes=C, device=input.device, weight=weight, ignore_index=ignore_index,
+                        reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                        num_items=num_items, inplace_backward=inplace_backward, return_extras=return_extras)
+    _no_process_group(process_group)
+    tgt = normalize_target(target, input, cdim, check_target_format(target_format), opts.ignore_index)
+    original = input
+    input = _promoted(input, tgt)
+    r = resolve(impl, input.device, input.dtype)
+    check_supported(r, opts, tgt.requires_grad)
+    check_not_overwritten(original)
+    if opts.inplace_backward:
+        check_inplace(original)
+        if isinstance(tgt, ProbsTarget):
+            tgt.check_finite()  # before the logits are overwritten
+    shape3 = (math.prod(input.shape[:cdim]), C, math.prod(input.shape[cdim + 1:]))
+    pos_shape = torch.Size(input.shape[:cdim] + input.shape[cdim + 1:])
+    with _no_autocast(input) as out_dtype:
+        red = plan_reduction(tgt, opts, acc_dtype(input.dtype), input.device, pos_shape, out_dtype)
+        if r.fused:
+            call = FusedCall(r.module, tgt, opts, red, shape3, cdim, torch.is_grad_enabled())
+            loss, lse, z, pred = fused_cross_entropy(input, call)
+        else:
+            terms = reference.cross_entropy(input.reshape(shape3), tgt, opts, red)
+            loss, lse, z, pred = red.reduce(terms.ce, terms.z), terms.lse, terms.z, terms.predicted
+    return _finish(loss, lse, z, pred, pos_shape, tgt, target, opts)
+
+
+def _no_process_group(process_group) -> None:
     if process_group is not None:
         raise ValueError("process_group (vocab-parallel) is not available yet in this version of crossent; "
                          "gather the full vocab on one device or leave process_group=None")
-    name = resolve_impl(impl, input.device)
-    tgt = normalize_target(target, input, cdim, target_format, ignore_index)
-    shape3 = (math.prod(input.shape[:cdim]), C, math.prod(input.shape[cdim + 1:]))
-    pos_shape = torch.Size(input.shape[:cdim] + input.shape[cdim + 1:])
-    acc, w, ls, z_loss, softcap, ce_denom, z_denom = _settings(tgt, input, weight, label_smoothing, z_loss, softcap,
-                                                               reduction, num_items, ignore_index)
 
-    if name == "torch":
-        if inplace_backward:
-            raise ValueError("inplace_backward=True needs a fused impl ('chunked' or 'triton'): impl='torch' "
-                             "differentiates with autograd and has no gradient to write in place")
-        loss, lse, zrows, pred = _reference(input.reshape(shape3), tgt, weight, ignore_index, ls, softcap, z_loss,
-                                            reduction, ce_denom, z_denom, pos_shape, input.dtype)
+
+def _promoted(input: Tensor, tgt: Target) -> Tensor:
+    """PyTorch's type promotion with probability targets: float32 logits and float64 probabilities
+    compute (and return) in float64."""
+    if isinstance(tgt, ProbsTarget):
+        dtype = torch.promote_types(input.dtype, tgt.probs.dtype)
+        if dtype != input.dtype:
+            return input.to(dtype)
+    return input
+
+
+@contextlib.contextmanager
+def _no_autocast(*tensors: Tensor):
+    """Run an impl with autocast off, yielding the loss's dtype: float32 under autocast for 16-bit
+    inputs (cross_entropy is on autocast's float32 list), else the input's dtype."""
+    dev = tensors[0].device.type
+    dtype = tensors[0].dtype
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+        with torch.autocast(dev, enabled=False):
+            yield torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     else:
-        _check_fused(name, weight, tgt)
-        if name == "triton":
-            from .impl.triton import cross_entropy_forward as kernel_fn
-        else:
-            kernel_fn = _chunked.cross_entropy_forward
-        ce_g = _reduce.grad_scale(ce_denom, acc, input.device)
-        z_g = _reduce.grad_scale(z_denom, acc, input.device)
-        kernel = partial(_run_kernel, kernel_fn, tgt, w, ignore_index, ls, softcap, z_loss, ce_g, z_g, return_extras)
-        call = FusedCall(kernel, shape3, reduction, ce_denom, z_denom, pos_shape, cdim, bool(inplace_backward), name,
-                         torch.is_grad_enabled())
-        loss, lse, zrows, pred = fused_cross_entropy(input, call)
-    return _finish(loss, lse, zrows, pred, pos_shape, tgt, target, return_extras)
+        yield dtype
 
 
-def _settings(tgt: Target, input: Tensor, weight, label_smoothing, z_loss, softcap, reduction, num_items,
-              ignore_index):
-    """Accumulation dtype, weights in it, plain-float options and the reduction's denominators."""
-    acc = _ref.acc_dtype(input.dtype)
-    w = None if weight is None else weight.to(acc)
-    ce_denom, z_denom = _reduce.denominators(tgt, w, reduction, num_items, ignore_index, acc, input.device)
-    return (acc, w, float(label_smoothing), float(z_loss), None if softcap is None else float(softcap), ce_denom,
-            z_denom)
-
-
-def _reference(logits3: Tensor, tgt: Target, weight, ignore_index, ls, softcap, z_loss, reduction, ce_denom,
-               z_denom, pos_shape, dtype):
-    """The torch impl: differentiable per-position terms, reduced like every other impl."""
-    ce, z, lse, pred = _ref.cross_entropy_rows(logits3, tgt, weight, ignore_index, ls, softcap, z_loss)
-    loss = _reduce.reduce_rows(ce, z, reduction, ce_denom, z_denom, pos_shape, dtype)
-    return loss, lse, (z.detach() if z is not None else torch.zeros_like(lse)), pred
-
-
-def _check_fused(name: str, weight: Optional[Tensor], tgt: Target) -> None:
-    """The fused impls differentiate the logits (or input and projection) only."""
-    if weight is not None and weight.requires_grad:
-        raise ValueError(f"weight requires grad, but impl={name!r} does not differentiate class weights; "
-                         "pass weight.detach() or use impl='torch'")
-    if tgt.requires_grad:
-        raise ValueError(f"the target requires grad, but impl={name!r} does not differentiate targets; "
-                         "pass target.detach() (the usual case for a teacher's probabilities) or use impl='torch'")
-
-
-def _finish(loss, lse, zrows, pred, pos_shape, tgt, target, return_extras):
+def _finish(loss: Tensor, lse: Tensor, z: Optional[Tensor], pred: Optional[Tensor], pos_shape: torch.Size,
+            tgt: Target, target, opts: Options):
     """Deferred target checks, then the loss or ``(loss, extras)``."""
     check_after(tgt, target, loss)
-    if not return_extras:
+    if not opts.return_extras:
         return loss
-    return loss, {"lse": lse.reshape(pos_shape), "z_loss": zrows.reshape(pos_shape),
+    z = z.detach() if z is not None else torch.zeros_like(lse)
+    return loss, {"lse": lse.reshape(pos_shape), "z_loss": z.reshape(pos_shape),
                   "predicted": pred.reshape(pos_shape)}
 
 
-def _run_kernel(kernel_fn, tgt: Target, w, ignore_index, ls, softcap, z_loss, ce_g, z_g, want_pred, x3, grad3):
-    return kernel_fn(x3, tgt, w, ignore_index, ls, softcap, z_loss, ce_g, z_g, grad3, want_pred)
-
-
-
-class _Like:
+class _Logits:
     """Shape and device of logits that are never built (for target normalisation)."""
 
     def __init__(self, shape, device):
         self.shape, self.device = torch.Size(shape), device
 
 
-def _shift_sparse(target):
-    """A SparseTarget's labels for position t are at t + 1 (the positions' last dim)."""
-    if isinstance(target, SparseTarget):
-        return SparseTarget(target.indices[..., 1:, :], target.values[..., 1:, :])
-    return target
-
-
 def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target, linear_bias: Optional[Tensor] = None,
-                         weight: Optional[Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
-                         label_smoothing: float = 0.0, *, shift: bool = False, target_format: str = "auto",
-                         z_loss: float = 0.0, softcap: Optional[float] = None, num_items=None, impl: str = "auto",
-                         chunk_size: Optional[int] = None, process_group=None, return_extras: bool = False,
-                         filter_eps: Optional[float] = None):
+                         weight: Optional[Tensor] = None, ignore_index: Optional[int] = -100,
+                         reduction: str = "mean", label_smoothing: float = 0.0, *, shift=False,
+                         target_format: str = "auto", z_loss: float = 0.0, softcap: Optional[float] = None,
+                         num_items=None, impl: str = "auto", chunk_size: Optional[int] = None,
+                         process_group=None, return_extras: bool = False, filter_eps: Optional[float] = None,
+                         options=None):
+
+
     r"""``cross_entropy(input @ linear_weight.T + linear_bias, target, ...)`` without ever holding
     the ``[N, V]`` logits: the loss of a large-vocabulary model's output layer.
 
@@ -326,88 +260,131 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target, linear_bi
         >>> loss = crossent.linear_cross_entropy(h, W, labels, shift=True)
         >>> loss.backward()
     """
+    V, H = _check_linear_args(input, linear_weight, linear_bias)
+    opts = make_options(classes=V, device=input.device, weight=weight, ignore_index=ignore_index,
+                        reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                        num_items=num_items, return_extras=return_extras,
+                        chunk_size=_chunk_size(chunk_size, options), filter_eps=filter_eps,
+                        ignore_index_none_ok=True)
+    _no_process_group(process_group)
+    pos_shape, target, row_ids = _linear_positions(input, target, V, _check_shift(shift))
+    tgt = normalize_target(target, _Logits(pos_shape + (V,), input.device), len(pos_shape),
+                           check_target_format(target_format), opts.ignore_index)
+    x, lw, lb = _linear_promoted(input, linear_weight, linear_bias, tgt)
+    r = resolve(impl, x.device, x.dtype)
+    check_supported(r, opts, tgt.requires_grad, "linear_cross_entropy")
+    with _no_autocast(x) as out_dtype:
+        red = plan_reduction(tgt, opts, acc_dtype(x.dtype), x.device, pos_shape, out_dtype)
+        x2 = x.reshape(-1, H)
+        if r.fused:
+            call = LinearCall(r.module, row_ids, tgt, opts, red, torch.is_grad_enabled())
+            loss, lse, z, pred = fused_linear_cross_entropy(x2, lw, lb, call)
+        else:
+            terms = reference.linear_cross_entropy(x2, row_ids, lw, lb, tgt, opts, red).terms
+            loss, lse, z, pred = red.reduce(terms.ce, terms.z), terms.lse, terms.z, terms.predicted
+    return _finish(loss, lse, z, pred, pos_shape, tgt, target, opts)
+
+
+def _check_linear_args(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor]):
+    """``(V, H)`` after checking the hidden states, the projection and its bias."""
     if not isinstance(input, Tensor) or not input.dtype.is_floating_point or input.dim() == 0:
-        raise TypeError("input must be a floating tensor of hidden states [..., H]")
+        raise TypeError("input must be a floating tensor of hidden states [..., H], got "
+                        + (f"{input.dtype} {_fmt(input.shape)}" if isinstance(input, Tensor) else type(input).__name__))
     if not isinstance(linear_weight, Tensor) or linear_weight.dim() != 2:
-        raise ValueError(f"linear_weight must be a [V, H] matrix, got "
-                         f"{list(linear_weight.shape) if isinstance(linear_weight, Tensor) else type(linear_weight).__name__}")
+        got = _fmt(linear_weight.shape) if isinstance(linear_weight, Tensor) else type(linear_weight).__name__
+        raise ValueError(f"linear_weight must be a [V, H] matrix (vocabulary, hidden), got {got}; "
+                         "crossent's linear_cross_entropy takes a 2-D projection only")
     V, H = linear_weight.shape
     if input.shape[-1] != H:
-        raise ValueError(f"input is {list(input.shape)} (hidden size {input.shape[-1]}) but linear_weight is "
-                         f"[{V}, {H}] (hidden size {H}): linear_weight must be [vocab, hidden]; did you pass its transpose?")
-    if linear_weight.dtype != input.dtype:
-        raise TypeError(f"linear_weight is {linear_weight.dtype} but input is {input.dtype}: cast one to the other")
+        raise ValueError(f"input is {_fmt(input.shape)} (hidden size {input.shape[-1]}) but linear_weight is "
+                         f"[{V}, {H}] (hidden size {H}): linear_weight must be [vocab, hidden]; did you pass its "
+                         "transpose?")
+    if not linear_weight.dtype.is_floating_point:
+        raise TypeError(f"linear_weight must be floating, got {linear_weight.dtype}")
     if linear_weight.device != input.device:
         raise ValueError(f"linear_weight is on {linear_weight.device} but input on {input.device}")
     if linear_bias is not None:
         if not isinstance(linear_bias, Tensor) or linear_bias.shape != (V,):
-            raise ValueError(f"linear_bias must have shape [{V}], got "
-                             f"{list(linear_bias.shape) if isinstance(linear_bias, Tensor) else type(linear_bias).__name__}")
-        if linear_bias.device != input.device or linear_bias.dtype != input.dtype:
-            raise ValueError(f"linear_bias must be {input.dtype} on {input.device}, like input")
+            got = _fmt(linear_bias.shape) if isinstance(linear_bias, Tensor) else type(linear_bias).__name__
+            raise ValueError(f"linear_bias must have shape [{V}] (one per row of linear_weight), got {got}")
+        if linear_bias.device != input.device or not linear_bias.dtype.is_floating_point:
+            raise ValueError(f"linear_bias must be a floating tensor on {input.device}, like input")
     if V == 0:
         raise ValueError("linear_weight has 0 rows: there are no classes")
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    check_options(reduction, label_smoothing, z_loss, softcap, num_items)
-    check_weight(weight, V, input.device)
-    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
-        raise ValueError(f"chunk_size={chunk_size!r} must be a positive number of rows, or None to choose it")
-    if process_group is not None:
-        raise ValueError("process_group (vocab-parallel) is not available yet in this version of crossent")
-    name = resolve_impl(impl, input.device)
-    if filter_eps is not None:
-        if name != "triton":
-            raise ValueError(f"filter_eps applies to impl='triton' only (this call runs impl={name!r}, which is "
-                             "always exact); leave filter_eps=None")
-        if not isinstance(filter_eps, Number) or isinstance(filter_eps, bool) or not filter_eps >= 0:
-            raise ValueError(f"filter_eps={filter_eps!r} must be a number >= 0")
+    return V, H
 
-    pos_shape = input.shape[:-1]
-    row_ids = None
-    if shift:
-        if input.dim() < 2 or input.shape[-2] < 1:
-            raise ValueError(f"shift=True needs input [..., T, H] with a sequence dim, got {list(input.shape)}")
-        T = input.shape[-2]
-        tshape = target.shape[:-1] if isinstance(target, SparseTarget) else (
-            target.shape[:len(pos_shape)] if isinstance(target, Tensor) else pos_shape)
-        if tshape != pos_shape:
-            raise ValueError(f"with shift=True the target covers every position before shifting: expected "
-                             f"{list(pos_shape)} (+ [V] for probabilities), got {list(target.shape)}")
-        if isinstance(target, Tensor):
-            target = target[..., 1:] if target.shape == pos_shape else target[..., 1:, :]
-        else:
-            target = _shift_sparse(target)
-        pos_shape = torch.Size(input.shape[:-2] + (T - 1,))
-        B = math.prod(input.shape[:-2])
-        row_ids = ((torch.arange(B, device=input.device) * T).unsqueeze(1)
-                   + torch.arange(T - 1, device=input.device)).reshape(-1)
-    cdim = len(pos_shape)
-    tgt = normalize_target(target, _Like(pos_shape + (V,), input.device), cdim, target_format, ignore_index)
-    acc, w, ls, z_loss, softcap, ce_denom, z_denom = _settings(tgt, input, weight, label_smoothing, z_loss, softcap,
-                                                               reduction, num_items, ignore_index)
 
-    if name == "torch":
-        x = input[..., :-1, :] if shift else input
-        logits = torch.nn.functional.linear(x, linear_weight, linear_bias)
-        loss, lse, zrows, pred = _reference(logits.reshape(-1, V).unsqueeze(2), tgt, weight, ignore_index, ls,
-                                            softcap, z_loss, reduction, ce_denom, z_denom, pos_shape, input.dtype)
+def _linear_promoted(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], tgt: Target):
+    """The hidden states, weight and bias in one dtype: autocast's (as ``F.linear`` under autocast),
+    else PyTorch's promotion of the three (and of probability targets, as ``cross_entropy``)."""
+    dev = input.device.type
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+        dtype = torch.get_autocast_dtype(dev)
     else:
-        _check_fused(name, weight, tgt)
-        ce_g = _reduce.grad_scale(ce_denom, acc, input.device)
-        z_g = _reduce.grad_scale(z_denom, acc, input.device)
-        x2 = input.reshape(-1, H)
+        dtype = torch.promote_types(input.dtype, linear_weight.dtype)
+        if linear_bias is not None:
+            dtype = torch.promote_types(dtype, linear_bias.dtype)
+        if isinstance(tgt, ProbsTarget):
+            dtype = torch.promote_types(dtype, tgt.probs.dtype)
+    cast = [None if t is None else (t if t.dtype == dtype else t.to(dtype)) for t in (input, linear_weight, linear_bias)]
+    return tuple(cast)
 
-        if name == "triton":
-            from .impl.triton.linear import linear_cross_entropy_forward as lin_fn
-            extra = {"filter_eps": filter_eps}
-        else:
-            lin_fn, extra = _chunked.linear_cross_entropy_forward, {}
 
-        def kernel(x2_, w_, b_, row_scale, want):
-            return lin_fn(x2_, row_ids, w_, b_, tgt, w, ignore_index, ls, softcap, z_loss, ce_g, z_g, want,
-                          return_extras, chunk_size, row_scale, **extra)
+def _chunk_size(chunk_size: Optional[int], options) -> Optional[int]:
+    """``chunk_size``, or the ``batch_chunk_size`` of torch's ``LinearCrossEntropyOptions`` (the one
+    field of it that applies here; the others choose among torch's own strategies)."""
+    if options is None:
+        return chunk_size
+    rows = getattr(options, "batch_chunk_size", None)
+    if not hasattr(options, "batch_chunk_size"):
+        raise TypeError(f"options must be None or a torch.nn.LinearCrossEntropyOptions, got {type(options).__name__}")
+    if chunk_size is not None and rows is not None and rows != chunk_size:
+        raise ValueError(f"chunk_size={chunk_size} and options.batch_chunk_size={rows} disagree: give one of them")
+    return chunk_size if rows is None else rows
 
-        call = LinearCall(kernel, reduction, ce_denom, z_denom, pos_shape, name, torch.is_grad_enabled())
-        loss, lse, zrows, pred = fused_linear_cross_entropy(x2, linear_weight, linear_bias, call)
-    return _finish(loss, lse, zrows, pred, pos_shape, tgt, target, return_extras)
+
+def _check_shift(shift) -> int:
+    """``shift``: False/0 (none), True/1 (next token), or a number of positions k >= 0."""
+    if isinstance(shift, bool):
+        return int(shift)
+    if not isinstance(shift, int) or shift < 0:
+        raise ValueError(f"shift={shift!r} must be True/False or a number of positions >= 0 "
+                         "(position t predicts the label at t + shift)")
+    return shift
+
+
+def _linear_positions(input: Tensor, target, V: int, shift: int):
+    """``(positions' shape, target, row_ids)``: the target checked against the hidden states (errors
+    name the input's shape, not the logits'), and with ``shift`` the labels and rows it pairs."""
+    pos_shape = input.shape[:-1]
+    kind_shapes = (f"class indices {_fmt(pos_shape)}, probabilities {_fmt(pos_shape + (V,))} or a SparseTarget "
+                   f"{_fmt(pos_shape)[:-1]}{', ' if len(pos_shape) else ''}k]")
+    tshape = (target.indices.shape[:-1] if isinstance(target, SparseTarget) else
+              target.shape[:len(pos_shape)] if isinstance(target, Tensor) and target.dim() == len(pos_shape) + 1
+              else target.shape if isinstance(target, Tensor) else None)
+    if tshape is not None and tshape != pos_shape:
+        hint = ""
+        if shift and len(pos_shape) and tshape == pos_shape[:-1] + (pos_shape[-1] - shift,):
+            hint = f"; the labels look shifted already: pass shift=False"
+        elif not shift and len(pos_shape) and input.dim() >= 3 and tshape[:1] == pos_shape[:1] and len(tshape) == 2 \
+                and tshape[1] == V:
+            hint = ("; crossent takes classes last (input [..., H] pairs with target [...]), where "
+                    "torch.nn.functional.linear_cross_entropy reads dim 1 of the logits as classes")
+        raise ValueError(f"input (hidden states) is {_fmt(input.shape)}, so the target must be {kind_shapes}, "
+                         f"got {_fmt(target.indices.shape if isinstance(target, SparseTarget) else target.shape)}"
+                         + hint)
+    if not shift:
+        return pos_shape, target, None
+    if input.dim() < 2:
+        raise ValueError(f"shift needs input [..., T, H] with a sequence dim, got {_fmt(input.shape)}")
+    T = input.shape[-2]
+    if shift >= T:
+        raise ValueError(f"shift={shift} leaves no position of a sequence of length {T} (input {_fmt(input.shape)})")
+    if isinstance(target, SparseTarget):
+        target = SparseTarget(target.indices[..., shift:, :], target.values[..., shift:, :])
+    elif isinstance(target, Tensor):
+        target = target[..., shift:] if target.shape == pos_shape else target[..., shift:, :]
+    B = math.prod(input.shape[:-2])
+    row_ids = ((torch.arange(B, device=input.device) * T).unsqueeze(1)
+               + torch.arange(T - shift, device=input.device)).reshape(-1)
+    return torch.Size(input.shape[:-2] + (T - shift,)), target, row_ids

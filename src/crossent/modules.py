@@ -6,10 +6,19 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from .functional import check_options, cross_entropy, linear_cross_entropy
-from .targets import TARGET_FORMATS
+from .functional import cross_entropy, linear_cross_entropy
+from .options import check_label_smoothing, check_reduction, check_softcap, check_target_format, check_z_loss
 
 __all__ = ["CrossEntropyLoss", "LinearCrossEntropyLoss"]
+
+
+def _check_module_options(reduction, label_smoothing, z_loss, softcap, target_format) -> None:
+    """Fail at construction, not at the first forward (the functions check everything again)."""
+    check_reduction(reduction)
+    check_label_smoothing(label_smoothing)
+    check_z_loss(z_loss)
+    check_softcap(softcap)
+    check_target_format(target_format)
 
 
 class CrossEntropyLoss(nn.CrossEntropyLoss):
@@ -52,10 +61,7 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
                  softcap: Optional[float] = None, impl: str = "auto", inplace_backward: bool = False,
                  process_group=None, return_extras: bool = False, size_average=None, reduce=None) -> None:
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
-        check_options(self.reduction, label_smoothing, z_loss, softcap, None)
-        if target_format not in TARGET_FORMATS:
-            raise ValueError(f"target_format={target_format!r} is not one of "
-                             f"{', '.join(repr(f) for f in TARGET_FORMATS)}")
+        _check_module_options(self.reduction, label_smoothing, z_loss, softcap, target_format)
         self.dim = dim
         self.target_format = target_format
         self.z_loss = z_loss
@@ -84,9 +90,6 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
             if value != default:
                 parts.append(f"{name}={value!r}")
         return ", ".join(parts)
-
-
-
 
 
 class LinearCrossEntropyLoss(nn.Module):
@@ -122,10 +125,7 @@ class LinearCrossEntropyLoss(nn.Module):
                  z_loss: float = 0.0, softcap: Optional[float] = None, impl: str = "auto",
                  chunk_size: Optional[int] = None, process_group=None, return_extras: bool = False) -> None:
         super().__init__()
-        check_options(reduction, label_smoothing, z_loss, softcap, None)
-        if target_format not in TARGET_FORMATS:
-            raise ValueError(f"target_format={target_format!r} is not one of "
-                             f"{', '.join(repr(f) for f in TARGET_FORMATS)}")
+        _check_module_options(reduction, label_smoothing, z_loss, softcap, target_format)
         self.register_buffer("weight", weight)
         self.ignore_index = ignore_index
         self.reduction = reduction

@@ -1,4 +1,4 @@
-"""Fused chunked cross-entropy with torch ops: any device.
+"""Fused chunked cross-entropy and linear + cross-entropy with torch ops: any device.
 
 One pass over row chunks computes, per position, the loss terms and -- when a
 gradient is wanted -- the gradient of the (already scaled) loss, written
@@ -10,28 +10,106 @@ For a chunk of rows with logits ``x`` (after the optional softcap), ``lse``
 their log-sum-exp, ``p = softmax(x)``, the gradient of one position's loss is
 ``S * p - m + 2 * z_loss * lse * p`` where ``m`` is the target mass
 (``(1 - eps) * w_y`` at the true class for index targets, ``w_c * q_c`` for
-probabilities, the k weighted values for sparse targets, plus ``eps/C * w``
+probabilities, the k weighted values for top-k targets, plus ``eps/C * w``
 for label smoothing) and ``S = sum(m)``.
+
+Losses are formed as sums of ``(x_max - x) >= 0`` plus ``log(sum exp(x - x_max))``,
+like PyTorch's log_softmax: no cancellation between a large lse and a large
+logit. Terms of ignored positions are removed by selection, never by
+multiplying with 0 (``0 * inf`` would be NaN).
 """
 
 from __future__ import annotations
 
-import os
-from typing import Optional, Tuple
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from ..targets import Target
-from ._terms import host_reads_free, sparse_terms
-from .torch import acc_dtype
+from ..config import CONFIG
+from ..options import Options
+from ..reduction import Reduction
+from ..targets import ProbsTarget, Target
+from .common import LinearResult, RowTerms, acc_dtype, host_reads_free
 
-# Elements per chunk: small enough to stay in cache, big enough that the
-# per-op overhead of a dozen torch calls per chunk is amortised.
-CHUNK_ELEMENTS = 1 << 19
+NAME = "chunked"
 
 
-def _rows(t3: Tensor, p0: int, p1: int) -> Tensor:
+def cross_entropy(x3: Tensor, tgt: Target, opts: Options, red: Reduction, grad3: Optional[Tensor] = None) -> RowTerms:
+    """Per-position terms for logits ``x3`` ``[P, C, Q]``; when ``grad3`` (same shape as ``x3``; it may
+    be ``x3`` itself) is given, the gradient of ``sum(ce) * ce_scale + sum(z) * z_scale`` is written
+    into it."""
+    acc = acc_dtype(x3.dtype)
+    return _cross_entropy(x3, tgt, opts, opts.class_weight(acc), red.ce_scale.to(acc), red.z_scale.to(acc),
+                          grad3, opts.return_extras)
+
+
+@dataclass
+class _Rows:
+    """Per-position quantities of a call, ``M`` rows, filled before and during the pass over the logits."""
+
+    probs: bool
+    xmax: Tensor  # [M] max logit (after softcap)
+    logs: Tensor  # [M] log sum exp(x - x_max)
+    pred: Optional[Tensor]  # [M] argmax
+    mass: Tensor  # [M] total target mass (weighted, smoothed)
+    qd: Optional[Tensor] = None  # probs: [M] sum_c q_c (x_max - x_c)
+    wd: Optional[Tensor] = None  # smoothing: [M] sum_c w_c (x_max - x_c)
+    cols: Optional[Tensor] = None  # index / top-k: [M, k] classes
+    vals: Optional[Tensor] = None  # [M, k] their masses
+    row_valid: Optional[Tensor] = None  # index targets: [M] 1/0
+    xy: Optional[Tensor] = None  # [M, k] target logits (after softcap)
+    g_rows: Optional[Tensor] = None  # gradient: [M] scale of each row's CE (0 where ignored)
+    zb: Optional[Tensor] = None  # gradient with z-loss: [M] 2 z z_scale (0 where ignored)
+
+
+def _cross_entropy(x3: Tensor, tgt: Target, opts: Options, w: Optional[Tensor], ce_scale: Tensor,
+                   z_scale: Tensor, grad3: Optional[Tensor], want_predicted: bool) -> RowTerms:
+    P, C, Q = x3.shape
+    rows = _prepare(x3, tgt, opts, w, ce_scale, z_scale, grad3 is not None, want_predicted)
+    _chunk_pass(x3, tgt, opts, w, rows, ce_scale, grad3)
+    return _loss_terms(rows, opts, w, C)
+
+
+def _prepare(x3: Tensor, tgt: Target, opts: Options, w: Optional[Tensor], ce_scale: Tensor, z_scale: Tensor,
+             need_grad: bool, want_predicted: bool) -> _Rows:
+    """Per-position target terms for all rows at once: O(M k) work, no pass over the logits."""
+    P, C, Q = x3.shape
+    M, acc, dev = P * Q, acc_dtype(x3.dtype), x3.device
+    rows = _Rows(probs=isinstance(tgt, ProbsTarget), xmax=torch.empty(M, dtype=acc, device=dev),
+                 logs=torch.empty(M, dtype=acc, device=dev),
+                 pred=torch.empty(M, dtype=torch.long, device=dev) if want_predicted else None,
+                 mass=torch.empty(M, dtype=acc, device=dev))
+    ls = opts.label_smoothing
+    if rows.probs:
+        rows.qd = torch.empty(M, dtype=acc, device=dev)
+    else:
+        rows.cols, rows.vals, rows.row_valid = tgt.class_terms(w, ls, C, acc)
+        k = rows.cols.shape[1]
+        xy = x3.gather(1, rows.cols.reshape(P, Q, k).transpose(1, 2)).transpose(1, 2).reshape(M, k).to(acc)
+        rows.xy = opts.softcap * torch.tanh(xy / opts.softcap) if opts.softcap is not None else xy
+        mass = rows.vals.sum(1)
+        if ls > 0:
+            sm = (ls / C) * (float(C) if w is None else w.sum())
+            mass = mass + (_valid_only(rows, sm * torch.ones_like(mass)))
+            rows.wd = torch.empty(M, dtype=acc, device=dev)
+        rows.mass = mass
+    if need_grad:
+        valid = rows.row_valid
+        rows.g_rows = ce_scale.expand(M) if valid is None else torch.where(valid > 0, ce_scale, 0.0)
+        if opts.z_loss:
+            zb = (2 * opts.z_loss) * z_scale
+            rows.zb = zb.expand(M) if valid is None else torch.where(valid > 0, zb, 0.0)
+    return rows
+
+
+def _valid_only(rows: _Rows, t: Tensor) -> Tensor:
+    """``t`` where the position counts, 0 where it is ignored (by selection: ``0 * inf`` stays 0)."""
+    return t if rows.row_valid is None else torch.where(rows.row_valid > 0, t, 0.0)
+
+
+def _row_view(t3: Tensor, p0: int, p1: int) -> Tensor:
     """Rows ``[p0, p1)`` of a ``[P, C, Q]`` tensor as ``[(p1 - p0) * Q, C]`` (a view when Q == 1)."""
     blk = t3[p0:p1]
     if blk.shape[2] == 1:
@@ -39,67 +117,20 @@ def _rows(t3: Tensor, p0: int, p1: int) -> Tensor:
     return blk.transpose(1, 2).reshape(-1, blk.shape[1])
 
 
-def cross_entropy_forward(x3: Tensor, tgt: Target, weight: Optional[Tensor], ignore_index: int,
-                          label_smoothing: float, softcap: Optional[float], z_loss: float,
-                          ce_gscale: Tensor, z_gscale: Tensor, grad3: Optional[Tensor], want_predicted: bool,
-                          chunk_elements: int = 0
-                          ) -> Tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]:
-    """Per-position ``(ce, z, lse, predicted)`` for logits ``x3`` ``[P, C, Q]``.
-
-    When ``grad3`` (same shape as ``x3``; it may be ``x3`` itself) is given,
-    the gradient of ``sum(ce) * ce_gscale + sum(z) * z_gscale`` is written
-    into it.
-    """
+def _chunk_pass(x3: Tensor, tgt: Target, opts: Options, w: Optional[Tensor], rows: _Rows, ce_scale: Tensor,
+                grad3: Optional[Tensor]) -> None:
+    """One pass over slabs of rows: statistics for the loss, and the gradient into ``grad3``."""
     P, C, Q = x3.shape
-    M = P * Q
-    acc = acc_dtype(x3.dtype)
-    dev = x3.device
-    ls = float(label_smoothing)
-    w = None if weight is None else weight.to(acc)
-    w_total = float(C) if w is None else w.sum()
-    need_grad = grad3 is not None
-    probs = tgt.kind == "probs"
-
-    # Per-position target terms for all rows at once: O(M k) work, no pass over the logits.
-    row_valid = None
-    if not probs:
-        cols, vals, row_valid = sparse_terms(tgt, w, ls, ignore_index, C, acc)
-        k = cols.shape[1]
-        xy = x3.gather(1, cols.reshape(P, Q, k).transpose(1, 2)).transpose(1, 2).reshape(M, k).to(acc)
-        if softcap is not None:
-            xy = softcap * torch.tanh(xy / softcap)
-        mass = vals.sum(1)
-        if ls > 0:
-            sm = (ls / C) * w_total
-            mass = mass + (sm * row_valid if row_valid is not None else sm)
-        if need_grad:
-            neg_vals = vals * -ce_gscale
-            if ls > 0:
-                sm_rows = ((ls / C) * ce_gscale).expand(M) if row_valid is None else (ls / C) * ce_gscale * row_valid
-        wd = torch.empty(M, dtype=acc, device=dev) if ls > 0 else None
-    else:
-        mass = torch.empty(M, dtype=acc, device=dev)
-        qd = torch.empty(M, dtype=acc, device=dev)
-    zb = None
-    if need_grad and z_loss:
-        zb = (2 * z_loss) * z_gscale * (row_valid if row_valid is not None else torch.ones(M, dtype=acc, device=dev))
-
-    # Losses are formed as sums of (x_max - x) >= 0 plus log(sum exp(x - x_max)), like
-    # PyTorch's log_softmax: no cancellation between a large lse and a large logit.
-    xmax_all = torch.empty(M, dtype=acc, device=dev)
-    logs_all = torch.empty(M, dtype=acc, device=dev)
-    pred_out = torch.empty(M, dtype=torch.long, device=dev) if want_predicted else None
-    slabs = max(1, (chunk_elements or CHUNK_ELEMENTS) // max(1, C * Q))
-    rows = min(slabs, P) * Q
+    acc, ls, softcap = acc_dtype(x3.dtype), opts.label_smoothing, opts.softcap
+    slabs = max(1, CONFIG.chunk_elements // max(1, C * Q))
     # Scratch buffers, allocated once: a fresh multi-MB temporary per chunk costs page faults.
-    scratch = _Scratch(rows, C, acc, dev)
+    scratch = _Scratch(min(slabs, P) * Q, C, acc, x3.device)
     # On CPU the gradient scale is read once (no device sync there) to fuse it into the ops.
-    g = float(ce_gscale) if host_reads_free(ce_gscale) else ce_gscale
+    g: Union[float, Tensor] = float(ce_scale) if host_reads_free(ce_scale) else ce_scale
     for p0 in range(0, P, slabs):
         p1 = min(P, p0 + slabs)
-        r0, r1 = p0 * Q, p1 * Q
-        n = r1 - r0
-        xc = _rows(x3, p0, p1)
+        r0, r1, n = p0 * Q, p1 * Q, (p1 - p0) * Q
+        xc = _row_view(x3, p0, p1)
         if xc.dtype != acc or not xc.is_contiguous():
             xc = scratch.get("x", n).copy_(xc)
         th = None
@@ -110,73 +141,89 @@ def cross_entropy_forward(x3: Tensor, tgt: Target, weight: Optional[Tensor], ign
             xs = xc
         # Every read of the logits comes before the softmax, which may overwrite
         # them (inplace_backward writes the gradient over the logits).
-        if want_predicted:
-            pred_out[r0:r1] = xs.argmax(1)
-        xmax = torch.amax(xs, 1, out=xmax_all[r0:r1])
-        if probs or wd is not None:
-            d = torch.sub(xmax.unsqueeze(1), xs, out=scratch.get("tmp", n))  # x_max - x >= 0
-        if probs:
-            q = _rows(tgt.probs, p0, p1)
-            if ls > 0 or w is not None or q.dtype != acc:
-                q = scratch.get("q", n).copy_(q)
-                if ls > 0:
-                    q.mul_(1 - ls).add_(ls / C)
-                if w is not None:
-                    q.mul_(w)
-            qd[r0:r1] = _masked_dot(q, d)
-            mass[r0:r1] = q.sum(1)
-        elif wd is not None:
-            wd[r0:r1] = d @ w if w is not None else d.sum(1)
-
+        if rows.pred is not None:
+            rows.pred[r0:r1] = xs.argmax(1)
+        xmax = torch.amax(xs, 1, out=rows.xmax[r0:r1])
+        q = _target_sums(tgt, rows, xs, xmax, w, ls, C, p0, p1, r0, r1, scratch)
         # softmax straight into the gradient buffer when it is a plain float view
-        gdst = grad3[p0:p1, :, 0] if need_grad and Q == 1 else None
+        gdst = grad3[p0:p1, :, 0] if grad3 is not None and Q == 1 else None
         direct = gdst is not None and gdst.dtype == acc and gdst.is_contiguous()
         p = gdst if direct else scratch.get("p", n)
         torch.softmax(xs, 1, out=p)
         # log(sum exp(x - x_max)) = -log p_max: p_max >= 1/C never underflows, so this is exact
-        logs = torch.neg(torch.log(p.amax(1)), out=logs_all[r0:r1])
-        if not need_grad:
+        torch.neg(torch.log(p.amax(1)), out=rows.logs[r0:r1])
+        if grad3 is None:
             continue
-        lse = xmax + logs
-        coef = mass[r0:r1] * g
-        if zb is not None:
-            coef = coef + zb[r0:r1] * lse
-        p.mul_(coef.unsqueeze(1))
-        if probs:  # q may be the caller's target: never changed in place
-            if isinstance(g, float):
-                p.sub_(q, alpha=g)
-            else:
-                p.sub_(torch.mul(q, g, out=scratch.get("tmp", n)))
-        else:
-            p.scatter_add_(1, cols[r0:r1], neg_vals[r0:r1])
-            if ls > 0:
-                if w is not None:
-                    p.addr_(sm_rows[r0:r1], w, alpha=-1)
-                else:
-                    p.sub_(sm_rows[r0:r1].unsqueeze(1))
-        if th is not None:
-            p.mul_(th.square_().neg_().add_(1))
+        _chunk_gradient(p, q, rows, g, r0, r1, w, ls, C, th, scratch)
         if gdst is None:
             grad3[p0:p1].copy_(p.reshape(p1 - p0, Q, C).transpose(1, 2))
         elif not direct:
             gdst.copy_(p)
 
-    logs = logs_all
-    lse = xmax_all + logs
-    if probs:
-        ce = mass * logs + qd
-    else:
-        term = vals * ((xmax_all.unsqueeze(1) - xy) + logs.unsqueeze(1))
-        ce = term.masked_fill_(vals == 0, 0).sum(1)
+
+def _target_sums(tgt: Target, rows: _Rows, xs: Tensor, xmax: Tensor, w: Optional[Tensor], ls: float, C: int,
+                 p0: int, p1: int, r0: int, r1: int, scratch: "_Scratch") -> Optional[Tensor]:
+    """The chunk's sums against the row max: ``q . (x_max - x)`` (probs), ``w . (x_max - x)`` (smoothing).
+    Returns the chunk's (smoothed, weighted) probabilities for the gradient, or None."""
+    if not rows.probs and rows.wd is None:
+        return None
+    n = r1 - r0
+    d = torch.sub(xmax.unsqueeze(1), xs, out=scratch.get("tmp", n))  # x_max - x >= 0
+    if not rows.probs:
+        rows.wd[r0:r1] = d @ w if w is not None else d.sum(1)
+        return None
+    q = _row_view(tgt.probs, p0, p1)
+    if ls > 0 or w is not None or q.dtype != d.dtype:
+        q = scratch.get("q", n).copy_(q)
         if ls > 0:
-            smooth = w_total * logs + wd
-            ce = ce + (ls / C) * (smooth * row_valid if row_valid is not None else smooth)
-    z = None
-    if z_loss:
-        z = z_loss * lse.square()
-        if row_valid is not None:
-            z = z * row_valid
-    return ce, z, lse, pred_out
+            q.mul_(1 - ls).add_(ls / C)
+        if w is not None:
+            q.mul_(w)
+    rows.qd[r0:r1] = _masked_dot(q, d)
+    rows.mass[r0:r1] = q.sum(1)
+    return q
+
+
+def _chunk_gradient(p: Tensor, q: Optional[Tensor], rows: _Rows, g: Union[float, Tensor], r0: int, r1: int,
+                    w: Optional[Tensor], ls: float, C: int, th: Optional[Tensor], scratch: "_Scratch") -> None:
+    """Turn the chunk's softmax ``p`` into the gradient, in place."""
+    g_rows = rows.g_rows[r0:r1]
+    coef = rows.mass[r0:r1] * (g if rows.probs and isinstance(g, float) else g_rows)
+    if rows.zb is not None:
+        coef = coef + rows.zb[r0:r1] * (rows.xmax[r0:r1] + rows.logs[r0:r1])
+    p.mul_(coef.unsqueeze(1))
+    if rows.probs:  # q may be the caller's target: never changed in place
+        if isinstance(g, float):
+            p.sub_(q, alpha=g)
+        else:
+            p.sub_(torch.mul(q, g, out=scratch.get("tmp", r1 - r0)))
+    else:
+        p.scatter_add_(1, rows.cols[r0:r1], rows.vals[r0:r1] * -g_rows.unsqueeze(1))
+        if ls > 0:
+            sm_rows = (ls / C) * g_rows
+            if w is not None:
+                p.addr_(sm_rows, w, alpha=-1)
+            else:
+                p.sub_(sm_rows.unsqueeze(1))
+    if th is not None:
+        p.mul_(th.square_().neg_().add_(1))
+
+
+def _loss_terms(rows: _Rows, opts: Options, w: Optional[Tensor], C: int) -> RowTerms:
+    """Per-position CE and z-loss from the statistics of the pass."""
+    logs, xmax = rows.logs, rows.xmax
+    # a row of -inf (or holding +inf) has lse -inf (+inf), as torch.logsumexp says; its softmax is NaN
+    lse = torch.where(torch.isinf(xmax), xmax, xmax + logs)
+    if rows.probs:
+        ce = rows.mass * logs + rows.qd
+    else:
+        term = rows.vals * ((xmax.unsqueeze(1) - rows.xy) + logs.unsqueeze(1))
+        ce = term.masked_fill_(rows.vals == 0, 0).sum(1)
+        if rows.wd is not None:
+            smooth = (float(C) if w is None else w.sum()) * logs + rows.wd
+            ce = ce + (opts.label_smoothing / C) * _valid_only(rows, smooth)
+    z = _valid_only(rows, opts.z_loss * lse.square()) if opts.z_loss else None
+    return RowTerms(ce, z, lse, rows.pred)
 
 
 def _masked_dot(q: Tensor, d: Tensor) -> Tensor:
@@ -209,23 +256,23 @@ class _Scratch:
 # --------------------------------------------------------------------------- linear + cross-entropy
 
 # CPU float32 GEMMs with a thin side (a chunk of rows against the whole vocabulary) go through
-# oneDNN when torch has it: MKL's float32 sgemm takes its AVX2 path on AMD CPUs and loses a
-# further ~25% on 64-row operands, while oneDNN uses AVX-512 where the CPU has it (about 2x on a
-# Zen 5 EPYC; see benchmarks/results). ``CROSSENT_ONEDNN=0`` turns this off.
-_ONEDNN = (os.environ.get("CROSSENT_ONEDNN", "1") != "0" and torch.backends.mkldnn.is_available()
-           and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+# oneDNN when torch has it (knob ``onednn``): MKL's float32 sgemm takes its AVX2 path on AMD CPUs
+# and loses a further ~25% on 64-row operands, while oneDNN uses AVX-512 where the CPU has it
+# (about 2x on a Zen 5 EPYC; see benchmarks/results).
+_HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 def _use_onednn(x: Tensor, w: Tensor) -> bool:
     # not while compiling: inductor lowers this op only for frozen (constant) weights
-    return (_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
-            and x.dim() == 2 and x.is_contiguous() and (w.is_contiguous() or w.t().is_contiguous())
+    return (CONFIG.onednn and _HAS_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32
+            and w.dtype == torch.float32 and x.dim() == 2 and x.is_contiguous()
+            and (w.is_contiguous() or w.t().is_contiguous())
             and x.shape[0] > 0 and x.shape[1] > 0 and w.shape[0] > 0 and not torch.compiler.is_compiling())
 
 
 def linear(x: Tensor, w: Tensor, bias: Optional[Tensor] = None, out: Optional[Tensor] = None) -> Tensor:
     """``x @ w.T + bias`` for a ``[n, k]`` chunk ``x`` (``w`` ``[m, k]``, any strides): oneDNN on
-    CPU float32 (see ``_ONEDNN``), else ``torch.addmm``/``torch.mm`` into ``out`` when given."""
+    CPU float32 (see ``_use_onednn``), else ``torch.addmm``/``torch.mm`` into ``out`` when given."""
     if _use_onednn(x, w):
         return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
     if bias is not None:
@@ -233,20 +280,16 @@ def linear(x: Tensor, w: Tensor, bias: Optional[Tensor] = None, out: Optional[Te
     return torch.mm(x, w.t(), out=out) if out is not None else torch.mm(x, w.t())
 
 
-# Bytes of float32 logits per row chunk of linear_cross_entropy when chunk_size is not given: on
-# CPU a tenth of what the eager computation holds at LM shapes, with matmuls still efficient; on
-# CUDA GEMMs want thousands of rows, so up to LINEAR_CHUNK_BYTES_CUDA, at most 1/8 of free memory.
-LINEAR_CHUNK_BYTES = 8 << 20
-LINEAR_CHUNK_BYTES_CUDA = 512 << 20
-
-
 def _chunk_bytes(device: Optional[torch.device]) -> int:
+    """Bytes of float32 logits per row chunk: on CPU a tenth of what the eager computation holds at LM
+    shapes, with matmuls still efficient; on CUDA GEMMs want thousands of rows, so more, at most 1/8
+    of the free memory."""
     if device is None or device.type != "cuda":
-        return LINEAR_CHUNK_BYTES
+        return CONFIG.linear_chunk_bytes
     if torch.compiler.is_compiling():
-        return LINEAR_CHUNK_BYTES_CUDA
+        return CONFIG.linear_chunk_bytes_cuda
     free, _ = torch.cuda.mem_get_info(device)
-    return max(LINEAR_CHUNK_BYTES, min(LINEAR_CHUNK_BYTES_CUDA, free // 8))
+    return max(CONFIG.linear_chunk_bytes, min(CONFIG.linear_chunk_bytes_cuda, free // 8))
 
 
 def linear_chunk_rows(M: int, V: int, chunk_size: Optional[int] = None, device: Optional[torch.device] = None) -> int:
@@ -258,32 +301,25 @@ def linear_chunk_rows(M: int, V: int, chunk_size: Optional[int] = None, device: 
     return max(1, min(max(M, 1), max(32, _chunk_bytes(device) // (4 * max(V, 1)))))
 
 
-def linear_cross_entropy_forward(x2: Tensor, row_ids: Optional[Tensor], weight_v: Tensor, bias: Optional[Tensor],
-                                 tgt: Target, class_weight: Optional[Tensor], ignore_index: int,
-                                 label_smoothing: float, softcap: Optional[float], z_loss: float,
-                                 ce_gscale: Tensor, z_gscale: Tensor, want_grads: Tuple[bool, bool, bool],
-                                 want_predicted: bool, chunk_size: Optional[int] = None,
-                                 row_scale: Optional[Tensor] = None):
+def linear_cross_entropy(x2: Tensor, row_ids: Optional[Tensor], linear_weight: Tensor, linear_bias: Optional[Tensor],
+                         tgt: Target, opts: Options, red: Reduction, want_grads: Tuple[bool, bool, bool],
+                         row_scale: Optional[Tensor] = None) -> LinearResult:
     """Loss terms and gradients of ``cross_entropy(x @ W.T + b, target)`` by row chunks.
 
     ``x2`` ``[R, H]`` holds the hidden states; position ``i`` uses row
     ``row_ids[i]`` (or row ``i`` when ``row_ids`` is None: ``shift`` uses it to
-    skip each sequence's last position without copying the hidden states).
+    skip each sequence's last positions without copying the hidden states).
     ``tgt`` has one position per row of the result (``M``). ``want_grads``
     says which of ``(dx, dW, db)`` to form; the gradient is that of
-    ``sum(ce) * ce_gscale + sum(z) * z_gscale``, each position's term further
+    ``sum(ce) * ce_scale + sum(z) * z_scale``, each position's term further
     scaled by ``row_scale`` when given (the backward of ``reduction='none'``).
     Logits exist one chunk at a time; the weight gradient accumulates in float32.
-
-    Returns ``(ce, z, lse, predicted, dx, dW, db)``.
     """
-    M = tgt.index.numel() if tgt.kind == "index" else (
-        tgt.sp_index.shape[0] * tgt.sp_index.shape[1] if tgt.kind == "sparse" else tgt.probs.shape[0] * tgt.probs.shape[2])
-    V, H = weight_v.shape
-    dev = x2.device
-    acc = acc_dtype(x2.dtype)
+    M, (V, H), dev, acc = tgt.positions, linear_weight.shape, x2.device, acc_dtype(x2.dtype)
     need_dx, need_dw, need_db = want_grads
     need_grad = need_dx or need_dw or need_db
+    w = opts.class_weight(acc)
+    ce_scale, z_scale = red.ce_scale.to(acc), red.z_scale.to(acc)
     # dx: every row is written unless shift skips some (those stay 0); dW: the first chunk writes it
     dx = None
     if need_dx:
@@ -291,31 +327,28 @@ def linear_cross_entropy_forward(x2: Tensor, row_ids: Optional[Tensor], weight_v
     dw = torch.empty((V, H), dtype=acc, device=dev) if need_dw else None
     db = torch.zeros(V, dtype=acc, device=dev) if need_db else None
     ce = torch.empty(M, dtype=acc, device=dev)
-    z = torch.empty(M, dtype=acc, device=dev) if z_loss else None
+    z = torch.empty(M, dtype=acc, device=dev) if opts.z_loss else None
     lse = torch.empty(M, dtype=acc, device=dev)
-    pred = torch.empty(M, dtype=torch.long, device=dev) if want_predicted else None
-    n = linear_chunk_rows(M, V, chunk_size, dev)
+    pred = torch.empty(M, dtype=torch.long, device=dev) if opts.return_extras else None
+    n = linear_chunk_rows(M, V, opts.chunk_size, dev)
     # one logits buffer for every chunk (a fresh multi-MB buffer per chunk costs page faults);
     # oneDNN returns a fresh one instead, which the allocator recycles chunk to chunk
-    onednn = _use_onednn(x2[:1], weight_v)
-    buf = None if onednn else torch.empty((min(n, M), V), dtype=x2.dtype, device=dev)
+    buf = None if _use_onednn(x2[:1], linear_weight) else torch.empty((min(n, M), V), dtype=x2.dtype, device=dev)
     for r0 in range(0, M, n):
         r1 = min(M, r0 + n)
         ids = None if row_ids is None else row_ids[r0:r1]
         xc = x2[r0:r1] if ids is None else x2.index_select(0, ids)
         lo = logits = l3 = dl = None  # drop the last chunk's logits before making the next
-        lo = linear(xc, weight_v, bias, out=None if buf is None else buf[: r1 - r0])
+        lo = linear(xc, linear_weight, linear_bias, out=None if buf is None else buf[: r1 - r0])
         logits = lo if lo.dtype == acc else lo.to(acc)
         l3 = logits.unsqueeze(2)
-        c, zc, lc, pc = cross_entropy_forward(l3, tgt.rows(r0, r1), class_weight, ignore_index, label_smoothing,
-                                              softcap, z_loss, ce_gscale, z_gscale, l3 if need_grad else None,
-                                              want_predicted)
-        ce[r0:r1] = c
-        lse[r0:r1] = lc
+        t = _cross_entropy(l3, tgt.rows(r0, r1), opts, w, ce_scale, z_scale, l3 if need_grad else None,
+                           opts.return_extras)
+        ce[r0:r1], lse[r0:r1] = t.ce, t.lse
         if z is not None:
-            z[r0:r1] = zc
+            z[r0:r1] = t.z
         if pred is not None:
-            pred[r0:r1] = pc
+            pred[r0:r1] = t.predicted
         if not need_grad:
             continue
         dl = logits  # now the gradient of the chunk's logits
@@ -329,7 +362,7 @@ def linear_cross_entropy_forward(x2: Tensor, row_ids: Optional[Tensor], weight_v
             else:
                 dw.addmm_(dl.t(), xc.to(acc))
         if dx is not None:
-            dxc = linear(dl.to(weight_v.dtype), weight_v.t())
+            dxc = linear(dl.to(linear_weight.dtype), linear_weight.t())
             if ids is None:
                 dx[r0:r1] = dxc
             else:
@@ -337,7 +370,7 @@ def linear_cross_entropy_forward(x2: Tensor, row_ids: Optional[Tensor], weight_v
     if dw is not None:
         if M == 0:
             dw.zero_()
-        dw = dw.to(weight_v.dtype)
+        dw = dw.to(linear_weight.dtype)
     if db is not None:
-        db = db.to(bias.dtype if bias is not None else weight_v.dtype)
-    return ce, z, lse, pred, dx, dw, db
+        db = db.to(linear_bias.dtype if linear_bias is not None else linear_weight.dtype)
+    return LinearResult(RowTerms(ce, z, lse, pred), dx, dw, db)

@@ -1,6 +1,9 @@
-"""Autograd boundary of the fused impls (the compile boundary)."""
+"""Autograd boundary of the fused impls (eager): the Functions that run an impl's entry point in the
+forward and scale the gradients it formed in the backward."""
 
-from .cross_entropy import fused_cross_entropy, keep_graph
-from .linear import fused_linear_cross_entropy
+from ._grads import keep_graph
+from .cross_entropy import FusedCall, check_inplace, check_not_overwritten, fused_cross_entropy
+from .linear import LinearCall, fused_linear_cross_entropy
 
-__all__ = ["fused_cross_entropy", "fused_linear_cross_entropy", "keep_graph"]
+__all__ = ["FusedCall", "LinearCall", "fused_cross_entropy", "fused_linear_cross_entropy", "keep_graph",
+           "check_inplace", "check_not_overwritten"]

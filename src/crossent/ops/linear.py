@@ -12,56 +12,65 @@ incoming gradient folded in.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from types import ModuleType
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .._reduce import reduce_rows
-from .cross_entropy import refuse_double_backward, release_scaled, save_gradients, with_extras
+from ..options import Options
+from ..reduction import Reduction
+from ..targets import Target
+from ._grads import outputs, refuse_double_backward, release_scaled, save_gradients
+
+__all__ = ["LinearCall", "fused_linear_cross_entropy"]
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class LinearCall:
-    kernel: Callable  # (x2, W, b, row_scale, want_grads) -> (ce, z, lse, predicted, dx, dW, db)
-    reduction: str
-    ce_denom: Optional[Tensor]
-    z_denom: Optional[Tensor]
-    pos_shape: torch.Size
-    impl_name: str
-    grad_enabled: bool = True  # torch.is_grad_enabled() at the call: no gradient work under no_grad
+    """Everything the fused linear forward needs besides the hidden states, weight and bias."""
+
+    impl: ModuleType  # exposes linear_cross_entropy(x2, row_ids, W, b, tgt, opts, red, want_grads, row_scale)
+    row_ids: Optional[Tensor]
+    target: Target
+    opts: Options
+    red: Reduction
+    grad_enabled: bool  # torch.is_grad_enabled() at the call: no gradient work under no_grad
+
+    def run(self, x2: Tensor, w: Tensor, b: Optional[Tensor], want, row_scale: Optional[Tensor] = None):
+        return self.impl.linear_cross_entropy(x2, self.row_ids, w, b, self.target, self.opts, self.red, want,
+                                              row_scale)
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2: Tensor, w: Tensor, b: Optional[Tensor], call: LinearCall):
         want = tuple(bool(n) and call.grad_enabled for n in ctx.needs_input_grad[:3])
-        scalar = not (call.reduction == "none" and call.ce_denom is None)
-        fused = scalar and any(want)
-        ce, z, lse, pred, dx, dw, db = call.kernel(x2, w, b, None, want if fused else (False, False, False))
-        loss = reduce_rows(ce, z, call.reduction, call.ce_denom, call.z_denom, call.pos_shape, x2.dtype)
+        fused = call.red.scalar and any(want)
+        res = call.run(x2, w, b, want if fused else (False, False, False))
+        loss = call.red.reduce(res.terms.ce, res.terms.z)
         ctx.call, ctx.fused, ctx.want = call, fused, want
         if fused:
-            save_gradients(ctx, "grads", [dx, dw, db])
+            save_gradients(ctx, [res.dx, res.dw, res.db])
         else:
             ctx.save_for_backward(x2, w, b)
-        return with_extras(ctx, loss, lse, z, pred)
+        return outputs(ctx, loss, res.terms)
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
         call: LinearCall = ctx.call
-        refuse_double_backward(f"linear_cross_entropy with impl={call.impl_name!r}")
+        refuse_double_backward(f"linear_cross_entropy with impl={call.impl.NAME!r}")
         if not ctx.fused:
             x2, w, b = ctx.saved_tensors
-            _, _, _, _, dx, dw, db = call.kernel(x2, w, b, grad_loss.reshape(-1), ctx.want)
-            return dx, dw, db, None
-        dx, dw, db = release_scaled(ctx, "grads", grad_loss)
+            res = call.run(x2, w, b, ctx.want, grad_loss.reshape(-1))
+            return res.dx, res.dw, res.db, None
+        dx, dw, db = release_scaled(ctx, grad_loss)
         return dx, dw, db, None
 
 
 def fused_linear_cross_entropy(x2: Tensor, w: Tensor, b: Optional[Tensor], call: LinearCall):
     """``(loss, lse, z, predicted)`` through the fused linear autograd function."""
-    if call.reduction == "none" and call.ce_denom is None:
+    if not call.red.scalar:
         return _eager_apply(x2, w, b, call)
     return _FusedLinearCrossEntropy.apply(x2, w, b, call)
 

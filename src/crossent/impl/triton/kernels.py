@@ -44,10 +44,35 @@ def _smoothed(t, ls, inv_c, HAS_LS: tl.constexpr):
 
 
 @triton.jit
-def _track_argmax(x, tmax, best, besti, c0, axis: tl.constexpr):
-    """Running (max, argmax) over class tiles; ties keep the first class."""
-    ti = tl.argmax(x, axis).to(tl.int64) + c0
-    return tl.maximum(best, tmax), tl.where(tmax > best, ti, besti)
+def _track_argmax(x, cls, best, besti, axis: tl.constexpr):
+    """Running (max, argmax) over class tiles, as ``torch.argmax``: ties keep the first class, and a
+    NaN wins over every number (the first NaN). ``cls`` holds the tile's class ids, broadcast like ``x``."""
+    big = 1 << 62
+    isn = x != x
+    nan_i = tl.min(tl.where(isn, cls, big), axis)
+    xn = tl.where(isn, float("-inf"), x)
+    tmax = tl.max(xn, axis)
+    ti = tl.min(tl.where(xn == tl.expand_dims(tmax, axis), cls, big), axis)
+    return _merge_argmax(best, besti, tl.where(nan_i < big, float("nan"), tmax), tl.where(nan_i < big, nan_i, ti))
+
+
+@triton.jit
+def _merge_argmax(best, besti, tmax, ti):
+    """Merge a later block's (max, argmax) into the running one: NaN wins and stays; ties keep the earlier."""
+    best_nan = best != best
+    t_nan = tmax != tmax
+    take = (~best_nan) & (t_nan | (tmax > best))
+    return tl.where(take, tmax, best), tl.where(take, ti, besti)
+
+
+@triton.jit
+def _round_to(x, dtype: tl.constexpr, DOWN: tl.constexpr):
+    """``x.to(dtype)``, rounded to nearest when it narrows a float (the interpreter would truncate)."""
+    if DOWN:
+        y = x.to(dtype, fp_downcast_rounding="rtne")
+    else:
+        y = x.to(dtype)
+    return y
 
 
 @triton.jit
@@ -79,7 +104,7 @@ def ce_fwd_kernel(
     Q, C, ls, softcap, z_loss,
     IS_PROBS: tl.constexpr, HAS_W: tl.constexpr, HAS_RV: tl.constexpr, HAS_LS: tl.constexpr,
     HAS_CAP: tl.constexpr, HAS_Z: tl.constexpr, WANT_GRAD: tl.constexpr, WANT_PRED: tl.constexpr,
-    KP: tl.constexpr, BLOCK: tl.constexpr,
+    KP: tl.constexpr, BLOCK: tl.constexpr, DOWN: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
     p = r // Q
@@ -106,7 +131,7 @@ def ce_fwd_kernel(
             x = tl.where(mask, softcap * _tanh(x / softcap), float("-inf"))
         tmax = tl.max(x, 0)
         if WANT_PRED:
-            best, besti = _track_argmax(x, tmax, best, besti, c0, 0)
+            best, besti = _track_argmax(x, offs, best, besti, 0)
         m_new, m_ref, shift = _max_shift(m, tmax)
         s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(x - m_ref), 0)
         m = m_new
@@ -144,18 +169,20 @@ def ce_fwd_kernel(
             xy = softcap * thy
         ce = tl.sum(tl.where(vals == 0.0, 0.0, vals * ((m - xy) + logs)), 0)
         mass = tl.sum(vals, 0)
-        if HAS_LS:
-            ce += ls * inv_c * (wsum * logs + wd) * rv
+        if HAS_LS:  # ignored rows drop out by selection: their sums may be inf (0 * inf is NaN)
+            ce += tl.where(rv > 0.0, ls * inv_c * (wsum * logs + wd), 0.0)
             mass += ls * inv_c * wsum * rv
     tl.store(CE + r, ce)
     tl.store(LSE + r, lse)
     if HAS_Z:
-        tl.store(Z + r, z_loss * lse * lse * rv)
+        tl.store(Z + r, tl.where(rv > 0.0, z_loss * lse * lse, 0.0))
     if WANT_PRED:
         tl.store(PRED + r, besti)
 
     if WANT_GRAD:
         g = tl.load(CE_G).to(tl.float32)
+        if HAS_RV:  # NaN scale (class weights summing to 0) reaches counted rows only, as in PyTorch
+            g = tl.where(rv > 0.0, g, 0.0)
         coef = mass * g
         if HAS_Z:
             coef += 2.0 * z_loss * tl.load(Z_G).to(tl.float32) * lse * rv
@@ -177,7 +204,7 @@ def ce_fwd_kernel(
                 gr -= sm * wc
             if HAS_CAP:
                 gr *= 1.0 - th * th
-            tl.store(grow + offs * sgc, gr.to(G.dtype.element_ty), mask=mask)
+            tl.store(grow + offs * sgc, _round_to(gr, G.dtype.element_ty, DOWN), mask=mask)
         if not IS_PROBS:
             # Rewrite the k target classes in float32: coef * p - (sum of the masses at that class + smoothing).
             tl.debug_barrier()
@@ -188,5 +215,5 @@ def ce_fwd_kernel(
                 gy -= sm * _class_weights(W, cols, kmask, HAS_W)
             if HAS_CAP:
                 gy *= 1.0 - thy * thy
-            tl.store(grow + cols * sgc, gy.to(G.dtype.element_ty), mask=kmask)
+            tl.store(grow + cols * sgc, _round_to(gy, G.dtype.element_ty, DOWN), mask=kmask)
 

@@ -19,7 +19,8 @@ skipped (an approximation; off by default).
 import triton
 import triton.language as tl
 
-from .kernels import _class_weights, _max_shift, _shifted_sum, _smoothed, _tanh, _track_argmax
+from .kernels import (_class_weights, _max_shift, _merge_argmax, _round_to, _shifted_sum, _smoothed, _tanh,
+                      _track_argmax)
 
 
 @triton.jit
@@ -35,15 +36,26 @@ def _row_block(pid, RID, M, HAS_RID: tl.constexpr, BM: tl.constexpr):
 
 
 @triton.jit
+def _dot(a, b, acc, PREC: tl.constexpr, F32DOT: tl.constexpr):
+    """``acc + a @ b``; ``F32DOT``: in float32 (the interpreter's ``tl.dot`` misreads bf16 storage)."""
+    if F32DOT:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc, input_precision=PREC)
+    return out
+
+
+@triton.jit
 def _logits_tile(X, sxr, rows, rmask, W, swv, B, v, vmask, H,
-                 HAS_B: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+                 HAS_B: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+                 F32DOT: tl.constexpr):
     acc = tl.zeros([BM, BV], dtype=tl.float32)
     for k0 in range(0, H, BK):
         kk = k0 + tl.arange(0, BK).to(tl.int64)
         km = kk < H
         a = tl.load(X + rows[:, None] * sxr + kk[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
         w = tl.load(W + v[:, None] * swv + kk[None, :], mask=vmask[:, None] & km[None, :], other=0.0)
-        acc = tl.dot(a, tl.trans(w), acc, input_precision=PREC)
+        acc = _dot(a, tl.trans(w), acc, PREC, F32DOT)
     if HAS_B:
         acc += tl.load(B + v, mask=vmask, other=0.0).to(tl.float32)[None, :]
     return acc
@@ -58,7 +70,7 @@ def lce_fwd_kernel(
     M, V, H, SPLIT_V, ls, softcap, MB,  # MB: a bucket of M, for the autotuner's key only
     IS_PROBS: tl.constexpr, HAS_RID: tl.constexpr, HAS_B: tl.constexpr, HAS_CW: tl.constexpr,
     HAS_LS: tl.constexpr, HAS_CAP: tl.constexpr, WANT_PRED: tl.constexpr,
-    BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, F32DOT: tl.constexpr,
 ):
     """Program (row block, vocabulary split): online statistics of its ``SPLIT_V`` classes."""
     split = tl.program_id(1).to(tl.int64)
@@ -76,13 +88,13 @@ def lce_fwd_kernel(
     for v0 in range(v_lo, v_hi, BV):
         v = v0 + tl.arange(0, BV).to(tl.int64)
         vmask = v < v_hi
-        x = _logits_tile(X, sxr, rows, rmask, W, swv, B, v, vmask, H, HAS_B, BM, BV, BK, PREC)
+        x = _logits_tile(X, sxr, rows, rmask, W, swv, B, v, vmask, H, HAS_B, BM, BV, BK, PREC, F32DOT)
         if HAS_CAP:
             x = softcap * _tanh(x / softcap)
         x = tl.where(vmask[None, :], x, float("-inf"))
         tmax = tl.max(x, 1)
         if WANT_PRED:
-            best, besti = _track_argmax(x, tmax, best, besti, v0, 1)
+            best, besti = _track_argmax(x, v[None, :], best, besti, 1)
         m_new, m_ref, shift = _max_shift(m, tmax)
         s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(x - m_ref[:, None]), 1)
         m = m_new
@@ -149,8 +161,7 @@ def lce_fin_kernel(
         if WANT_PRED:
             pb = tl.load(PBEST + o, mask=rmask, other=float("-inf"))
             pbi = tl.load(PBESTI + o, mask=rmask, other=0)
-            besti = tl.where(pb > best, pbi, besti)  # ties keep the earlier split: the first class
-            best = tl.maximum(best, pb)
+            best, besti = _merge_argmax(best, besti, pb, pbi)  # ties keep the earlier split: the first class
     logs = tl.log(tl.where(rmask, s, 1.0))  # rows past M: no log(0)
 
     rv = tl.zeros([BM], dtype=tl.float32) + 1.0
@@ -182,8 +193,8 @@ def lce_fin_kernel(
             xy = softcap * _tanh(xy / softcap)
         ce = tl.sum(tl.where(vals == 0.0, 0.0, vals * ((m[:, None] - xy) + logs[:, None])), 1)
         mass = tl.sum(vals, 1)
-        if HAS_LS:
-            ce += ls * inv_v * (wsum * logs + d) * rv
+        if HAS_LS:  # ignored rows drop out by selection: their sums may be inf (0 * inf is NaN)
+            ce += tl.where(rv > 0.0, ls * inv_v * (wsum * logs + d), 0.0)
             mass += ls * inv_v * wsum * rv
     tl.store(MX + r, m, mask=rmask)
     tl.store(LOGS + r, logs, mask=rmask)
@@ -191,7 +202,7 @@ def lce_fin_kernel(
     tl.store(MASS + r, mass, mask=rmask)
     if HAS_Z:
         lse = m + logs
-        tl.store(Z + r, z_loss * lse * lse * rv, mask=rmask)
+        tl.store(Z + r, tl.where(rv > 0.0, z_loss * lse * lse, 0.0), mask=rmask)
     if WANT_PRED:
         tl.store(PRED + r, besti, mask=rmask)
 
@@ -209,7 +220,8 @@ def lce_bwd_kernel(
     HAS_RV: tl.constexpr, HAS_LS: tl.constexpr, HAS_CAP: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_RS: tl.constexpr, NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
     FILTER: tl.constexpr, KP: tl.constexpr,
-    BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, F32DOT: tl.constexpr,
+    DOWN: tl.constexpr,
 ):
     pid_v = tl.program_id(1).to(tl.int64)
     r, rmask, rows = _row_block(tl.program_id(0).to(tl.int64), RID, M, HAS_RID, BM)
@@ -217,7 +229,7 @@ def lce_bwd_kernel(
     vmask = v < V
     inv_v = 1.0 / V
 
-    raw = _logits_tile(X, sxr, rows, rmask, W, swv, B, v, vmask, H, HAS_B, BM, BV, BK, PREC)
+    raw = _logits_tile(X, sxr, rows, rmask, W, swv, B, v, vmask, H, HAS_B, BM, BV, BK, PREC, F32DOT)
     x = raw
     if HAS_CAP:
         th = _tanh(raw / softcap)
@@ -226,10 +238,11 @@ def lce_bwd_kernel(
     logs = tl.load(LOGS + r, mask=rmask, other=0.0)
     valid = rmask[:, None] & vmask[None, :]
     p = tl.where(valid, tl.exp((x - m[:, None]) - logs[:, None]), 0.0)
-    g = tl.load(CE_G).to(tl.float32)
     rv = tl.zeros([BM], dtype=tl.float32) + 1.0
-    if HAS_RV:
+    g = rv * tl.load(CE_G).to(tl.float32)
+    if HAS_RV:  # NaN scale (class weights summing to 0) reaches counted rows only, as in PyTorch
         rv = tl.load(RV + r, mask=rmask, other=0.0).to(tl.float32)
+        g = tl.where(rv > 0.0, g, 0.0)
     coef = tl.load(MASS + r, mask=rmask, other=0.0) * g
     if HAS_Z:
         coef += 2.0 * z_loss * tl.load(Z_G).to(tl.float32) * (m + logs) * rv
@@ -237,13 +250,13 @@ def lce_bwd_kernel(
     dl = coef[:, None] * p
     if IS_PROBS:
         t = tl.load(PROB + r[:, None] * spr + v[None, :] * spv, mask=valid, other=0.0).to(tl.float32)
-        dl -= g * tl.where(valid, _smoothed(t, ls, inv_v, HAS_LS) * wc[None, :], 0.0)
+        dl -= g[:, None] * tl.where(valid, _smoothed(t, ls, inv_v, HAS_LS) * wc[None, :], 0.0)
     else:
         for j in tl.static_range(KP):
             jm = rmask & ((r * 0 + j) < K)
             cj = tl.load(IDX + r * K + j, mask=jm, other=-1).to(tl.int64)
             vj = tl.load(VAL + r * K + j, mask=jm, other=0.0).to(tl.float32)
-            dl -= g * tl.where(v[None, :] == cj[:, None], vj[:, None], 0.0)
+            dl -= g[:, None] * tl.where(v[None, :] == cj[:, None], vj[:, None], 0.0)
         if HAS_LS:
             dl -= (ls * inv_v * g * rv)[:, None] * wc[None, :]
     if HAS_CAP:
@@ -256,7 +269,7 @@ def lce_bwd_kernel(
     if FILTER:
         go_on = tl.max(tl.max(tl.abs(dl), 1), 0) >= filter_eps
     if go_on:
-        dlc = dl.to(X.dtype.element_ty)
+        dlc = dl if F32DOT else _round_to(dl, X.dtype.element_ty, DOWN)
         if NEED_DB:
             tl.atomic_add(DB + v, tl.sum(dl, 0), mask=vmask)
         for k0 in range(0, H, BK):
@@ -264,10 +277,10 @@ def lce_bwd_kernel(
             km = kk < H
             if NEED_DX:
                 w = tl.load(W + v[:, None] * swv + kk[None, :], mask=vmask[:, None] & km[None, :], other=0.0)
-                part = tl.dot(dlc, w, input_precision=PREC)
+                part = _dot(dlc, w, tl.zeros([BM, BK], dtype=tl.float32), PREC, F32DOT)
                 tl.atomic_add(DX + rows[:, None] * H + kk[None, :], part, mask=rmask[:, None] & km[None, :])
             if NEED_DW:
                 a = tl.load(X + rows[:, None] * sxr + kk[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
-                part = tl.dot(tl.trans(dlc), a, input_precision=PREC)
+                part = _dot(tl.trans(dlc), a, tl.zeros([BV, BK], dtype=tl.float32), PREC, F32DOT)
                 tl.atomic_add(DW + v[:, None] * H + kk[None, :], part, mask=vmask[:, None] & km[None, :])
 

@@ -1,0 +1,555 @@
+"""Regression tests for the defects of the issue (numbered d01..d19), public API only,
+PyTorch as the oracle. Each test names its defect number."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import crossent
+from crossent import SparseTarget
+from oracle import EXACT_DTYPE, RTOL, assert_close, err
+
+IMPLS = ["torch", "chunked", "triton"]
+FUSED = ["chunked", "triton"]
+INF = float("inf")
+NAN = float("nan")
+
+
+@pytest.fixture
+def checks_off():
+    prev = crossent.set_checks(False)
+    try:
+        yield
+    finally:
+        crossent.set_checks(prev)
+
+
+def grad_of(fn, *tensors):
+    """(loss, grads) of fn on fresh leaf copies of tensors."""
+    ts = [t.detach().clone().requires_grad_(True) for t in tensors]
+    loss = fn(*ts)
+    gs = torch.autograd.grad(loss, ts, torch.ones_like(loss), allow_unused=True)
+    return loss.detach(), gs
+
+
+def same_nan_pattern(a, b):
+    return torch.equal(torch.isnan(a), torch.isnan(b))
+
+
+# ---------------------------------------------------------------- d01
+@pytest.mark.parametrize("impl", FUSED)
+@pytest.mark.parametrize("view", [False, True])
+def test_d01_inplace_backward_on_parameter_refused(impl, view):
+    p = torch.nn.Parameter(torch.randn(3, 4))
+    before = p.detach().clone()
+    logits = p[:2] if view else p
+    t = torch.tensor([0, 1, 2])[: logits.shape[0]]
+    with pytest.raises((ValueError, RuntimeError), match="inplace_backward"):
+        crossent.cross_entropy(logits, t, impl=impl, inplace_backward=True)
+    assert torch.equal(p.detach(), before), "the parameter was overwritten"
+
+
+@pytest.mark.parametrize("impl", FUSED)
+def test_d01_inplace_backward_on_non_leaf_still_works(impl):
+    dt = EXACT_DTYPE[impl]
+    p0 = torch.randn(3, 4, dtype=torch.float64).to(dt)
+    t = torch.tensor([0, 3, 2])
+    p = torch.nn.Parameter(p0.clone())
+    loss = crossent.cross_entropy(p * 1, t, impl=impl, inplace_backward=True)
+    loss.backward()
+    q = p0.double().requires_grad_()
+    ref = F.cross_entropy(q, t)
+    ref.backward()
+    assert_close(loss.detach(), ref.detach(), dt)
+    assert_close(p.grad, q.grad, dt, "grad")
+
+
+# ---------------------------------------------------------------- d02
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("row0", [[-INF, 1.0, 2.0], [-INF, -INF, -INF]], ids=["some_neg_inf", "all_neg_inf"])
+@pytest.mark.parametrize("opt", ["label_smoothing", "z_loss"])
+def test_d02_ignored_row_neg_inf_label_smoothing_or_z_loss(impl, row0, opt):
+    dt = EXACT_DTYPE[impl]
+    x = torch.tensor([row0, [0.0, 1.0, 2.0], [0.5, -1.0, 0.0]], dtype=torch.float64)
+    t = torch.tensor([-100, 1, 0])
+    ls, z = (0.1, 0.0) if opt == "label_smoothing" else (0.0, 0.1)
+
+    def ref(xx):
+        loss = F.cross_entropy(xx, t, label_smoothing=ls)
+        if z:
+            valid = t != -100
+            lse = torch.logsumexp(xx, 1)
+            loss = loss + z * torch.where(valid, lse, torch.zeros_like(lse)).square().sum() / valid.sum()
+        return loss
+
+    ref_loss, (ref_g,) = grad_of(ref, x)
+    assert torch.isfinite(ref_loss)
+    loss, (g,) = grad_of(lambda xx: crossent.cross_entropy(xx, t, impl=impl, label_smoothing=ls, z_loss=z), x.to(dt))
+    assert torch.isfinite(loss), f"loss {loss} where torch gives {ref_loss}"
+    assert_close(loss, ref_loss, dt)
+    if row0[1] == 1.0:  # torch's own gradient is finite (zero on the ignored row)
+        assert torch.isfinite(g).all()
+        assert_close(g, ref_g, dt, "grad")
+    else:  # torch gives NaN on the ignored all -inf row: compare the other rows
+        assert torch.isfinite(g[1:]).all()
+        assert_close(g[1:], ref_g[1:], dt, "grad")
+
+
+def _lin_ref(x, W, b, t, ls=0.0, z=0.0):
+    logits = F.linear(x, W, b)
+    loss = F.cross_entropy(logits, t, label_smoothing=ls)
+    if z:
+        valid = t != -100
+        lse = torch.logsumexp(logits, 1)
+        loss = loss + z * torch.where(valid, lse, torch.zeros_like(lse)).square().sum() / valid.sum()
+    return loss
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("ls,z", [(0.1, 0.0), (0.0, 0.1), (0.1, 0.1)])
+def test_d02_linear_ignored_row_all_neg_inf_logits(impl, ls, z):
+    """An ignored position whose logits are all -inf (hidden state -inf against a positive weight)."""
+    dt = EXACT_DTYPE[impl]
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 2, generator=g, dtype=torch.float64)
+    x[1] = torch.tensor([-INF, 0.0])
+    W = torch.rand(6, 2, generator=g, dtype=torch.float64) + 0.1
+    t = torch.tensor([1, -100, 4])
+    ref = _lin_ref(x, W, None, t, ls, z)
+    assert torch.isfinite(ref)
+    loss = crossent.linear_cross_entropy(x.to(dt), W.to(dt), t, impl=impl, label_smoothing=ls, z_loss=z)
+    assert torch.isfinite(loss), f"loss {loss} where torch gives {ref}"
+    assert_close(loss, ref, dt)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_d02_linear_padded_vocab_neg_inf_bias_z_loss(impl):
+    """Bias -inf on padded vocab entries with z_loss: finite, equal to torch (loss and gradients)."""
+    dt = EXACT_DTYPE[impl]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    W = torch.randn(8, 5, generator=g, dtype=torch.float64)
+    b = torch.randn(8, generator=g, dtype=torch.float64)
+    b[-2:] = -INF
+    t = torch.tensor([0, 3, -100, 5])
+    ref, ref_g = grad_of(lambda *a: _lin_ref(*a, t, z=0.1), x, W, b)
+    loss, gs = grad_of(lambda xx, ww, bb: crossent.linear_cross_entropy(xx, ww, t, bb, impl=impl, z_loss=0.1),
+                       x.to(dt), W.to(dt), b.to(dt))
+    assert_close(loss, ref, dt)
+    for name, a, r in zip(["input", "weight", "bias"], gs, ref_g):
+        assert torch.isfinite(a).all(), name
+        assert_close(a, r, dt, name)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_d02_linear_padded_vocab_neg_inf_bias_label_smoothing_is_inf_like_torch(impl):
+    """Extra: label smoothing puts mass on the -inf padded entries; torch gives +inf (not NaN)."""
+    dt = EXACT_DTYPE[impl]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    W = torch.randn(8, 5, generator=g, dtype=torch.float64)
+    b = torch.randn(8, generator=g, dtype=torch.float64)
+    b[-2:] = -INF
+    t = torch.tensor([0, 3, -100, 5])
+    ref = _lin_ref(x, W, b, t, ls=0.1)
+    loss = crossent.linear_cross_entropy(x.to(dt), W.to(dt), t, b.to(dt), impl=impl, label_smoothing=0.1)
+    assert ref.item() == INF
+    assert loss.item() == ref.item(), f"{loss.item()} vs torch {ref.item()}"
+
+
+# ---------------------------------------------------------------- d03
+def _overlap_cases():
+    base = torch.randn(1, 5, generator=torch.Generator().manual_seed(3))
+    flat = torch.randn(10, generator=torch.Generator().manual_seed(4))
+    return {
+        "expand": (base, lambda leaf: leaf.expand(4, 5)),
+        "as_strided": (flat, lambda leaf: torch.as_strided(leaf * 1, (4, 5), (1, 1))),
+    }
+
+
+@pytest.mark.parametrize("impl", FUSED)
+@pytest.mark.parametrize("case", ["expand", "as_strided"])
+def test_d03_inplace_backward_self_overlapping_logits(impl, case):
+    src, make = _overlap_cases()[case]
+    t = torch.tensor([0, 1, 2, 3])
+    dt = EXACT_DTYPE[impl]
+    ref_leaf = src.double().requires_grad_()
+    ref = F.cross_entropy(make(ref_leaf), t)
+    ref.backward()
+    leaf = src.to(dt).requires_grad_()
+    try:
+        loss = crossent.cross_entropy(make(leaf), t, impl=impl, inplace_backward=True)
+    except ValueError as e:
+        assert "overlap" in str(e) or "inplace_backward" in str(e), str(e)
+        return
+    loss.backward()
+    assert_close(loss.detach(), ref.detach(), dt)
+    assert_close(leaf.grad, ref_leaf.grad, dt, "grad")
+
+
+# ---------------------------------------------------------------- d04
+@pytest.mark.parametrize("impl", FUSED)
+@pytest.mark.parametrize("second", ["mul_sum", "crossent", "torch_ce"])
+def test_d04_second_use_after_inplace_backward_fails_loudly(impl, second):
+    x = torch.randn(3, 4, requires_grad=True)
+    t = torch.tensor([0, 1, 2])
+    xx = x * 1
+    l1 = crossent.cross_entropy(xx, t, impl=impl, inplace_backward=True)
+    with pytest.raises((RuntimeError, ValueError)):  # at the second use or at the backward
+        if second == "mul_sum":
+            l2 = (xx * 2).sum()
+        elif second == "crossent":
+            l2 = crossent.cross_entropy(xx, t, impl=impl)
+        else:
+            l2 = F.cross_entropy(xx, t)
+        (l1 + l2).backward()
+
+
+@pytest.mark.parametrize("impl", FUSED)
+def test_d04_nan_probs_refused_before_logits_overwritten(impl):
+    x = torch.randn(3, 4, requires_grad=True)
+    xx = x * 1
+    before = xx.detach().clone()
+    p = torch.rand(3, 4)
+    p[1, 2] = NAN
+    with pytest.raises(ValueError, match="NaN"):
+        crossent.cross_entropy(xx, p, impl=impl, inplace_backward=True)
+    assert torch.equal(xx.detach(), before), "the logits were overwritten before the NaN check"
+
+
+# ---------------------------------------------------------------- d05
+@pytest.mark.parametrize("impl", IMPLS + ["module"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_d05_autocast_loss_dtype_like_torch(impl, dtype):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 6, generator=g).to(dtype)
+    t = torch.tensor([0, 1, 5, 2])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = F.cross_entropy(x, t)
+        if impl == "module":
+            ours = crossent.CrossEntropyLoss()(x, t)
+        else:
+            ours = crossent.cross_entropy(x, t, impl=impl)
+    assert ref.dtype == torch.float32
+    assert ours.dtype == ref.dtype, f"{ours.dtype} under autocast, torch gives {ref.dtype}"
+    assert abs(ours.item() - ref.item()) <= 1e-3 * abs(ref.item())
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_d05_autocast_linear_loss_dtype_like_torch(impl, dtype):
+    g = torch.Generator().manual_seed(6)
+    h = torch.randn(4, 8, generator=g).to(dtype)
+    W = torch.randn(6, 8, generator=g).to(dtype)
+    t = torch.tensor([0, 1, 5, 2])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = F.cross_entropy(F.linear(h, W), t)
+        ours = crossent.linear_cross_entropy(h, W, t, impl=impl)
+    assert ours.dtype == ref.dtype, f"{ours.dtype} under autocast, torch gives {ref.dtype}"
+    assert abs(ours.item() - ref.item()) <= 2e-2 * abs(ref.item())
+
+
+# ---------------------------------------------------------------- d06
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("bad", [[1, 1, 0], [2, 0, 0], [-1, 0, 0], [0, -1, 1]], ids=str)
+def test_d06_checks_off_bad_one_hot_row_gives_nan(impl, bad, checks_off):
+    oh = torch.tensor([[0, 1, 0], bad, [0, 0, 1]])
+    x = torch.randn(3, 3, generator=torch.Generator().manual_seed(7))
+    loss = crossent.cross_entropy(x, oh, reduction="none", impl=impl)
+    assert torch.isnan(loss[1]), f"bad one-hot row {bad} gave {loss[1].item()}, not NaN"
+    assert torch.isfinite(loss[[0, 2]]).all()
+
+
+# ---------------------------------------------------------------- d07
+@pytest.mark.parametrize("impl", IMPLS)
+def test_d07_zero_total_weight_mean_nan_loss_and_grad(impl):
+    dt = EXACT_DTYPE[impl]
+    x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    t = torch.tensor([0, 1, 1])
+    w = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=torch.float64)
+    ref, (ref_g,) = grad_of(lambda xx: F.cross_entropy(xx, t, w), x)
+    loss, (g,) = grad_of(lambda xx: crossent.cross_entropy(xx, t, w.to(dt), impl=impl), x.to(dt))
+    assert torch.isnan(ref) and torch.isnan(loss)
+    assert same_nan_pattern(g, ref_g), f"grad {g} vs torch {ref_g}"
+
+
+# ---------------------------------------------------------------- d08
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("label,dtype,ignore_index", [(156, torch.uint8, -100), (-56, torch.int8, 200)])
+def test_d08_narrow_dtype_out_of_range_label(impl, label, dtype, ignore_index):
+    x = torch.randn(3, 10)
+    with pytest.raises(IndexError):  # torch refuses the same int64 label
+        F.cross_entropy(x, torch.tensor([0, label, 1]), ignore_index=ignore_index)
+    with pytest.raises(ValueError, match=f"target {label} .*out of range"):
+        crossent.cross_entropy(x, torch.tensor([0, label, 1]), ignore_index=ignore_index, impl=impl)
+    with pytest.raises(ValueError, match=f"target {label} .*out of range"):
+        crossent.cross_entropy(x, torch.tensor([0, label, 1], dtype=dtype), ignore_index=ignore_index, impl=impl)
+
+
+# ---------------------------------------------------------------- d09
+@pytest.mark.parametrize("impl", IMPLS)
+def test_d09_probs_with_ignore_index_like_torch(impl):
+    dt = EXACT_DTYPE[impl]
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    p = torch.rand(3, 5, generator=g, dtype=torch.float64).softmax(1)
+    ref = F.cross_entropy(x, p, ignore_index=-1)
+    assert_close(crossent.cross_entropy(x.to(dt), p.to(dt), ignore_index=-1, impl=impl), ref, dt)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kind", ["np_int64", "tensor0d"])
+def test_d09_ignore_index_numpy_or_0d_tensor(impl, kind):
+    dt = EXACT_DTYPE[impl]
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+    t = torch.tensor([0, -1, 2])
+    ii = np.int64(-1) if kind == "np_int64" else torch.tensor(-1)
+    ref = F.cross_entropy(x, t, ignore_index=-1)
+    assert_close(crossent.cross_entropy(x.to(dt), t, ignore_index=ii, impl=impl), ref, dt)
+    assert_close(crossent.CrossEntropyLoss(ignore_index=ii)(x.to(dt), t), ref, dt)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_d09_label_smoothing_0d_tensor(impl):
+    dt = EXACT_DTYPE[impl]
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    t = torch.tensor([0, 4, 2])
+    ref = F.cross_entropy(x, t, label_smoothing=0.1)
+    ours = crossent.cross_entropy(x.to(dt), t, label_smoothing=torch.tensor(0.1), impl=impl)
+    assert_close(ours, ref, dt)
+    assert_close(crossent.CrossEntropyLoss(label_smoothing=torch.tensor(0.1))(x.to(dt), t), ref, dt)
+
+
+# ---------------------------------------------------------------- d10
+@pytest.mark.parametrize("impl", FUSED)
+def test_d10_requires_grad_target_and_weight_under_no_grad(impl):
+    dt = EXACT_DTYPE[impl]
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    p = torch.rand(3, 5, generator=g, dtype=torch.float64).softmax(1).to(dt).requires_grad_()
+    w = (torch.rand(5, generator=g, dtype=torch.float64) + 0.1).to(dt).requires_grad_()
+    t = torch.tensor([0, 4, 2])
+    with torch.no_grad():
+        ref_p = F.cross_entropy(x, p.double(), w.double())
+        ref_t = F.cross_entropy(x, t, w.double())
+        assert_close(crossent.cross_entropy(x.to(dt), p, w, impl=impl), ref_p, dt)
+        assert_close(crossent.cross_entropy(x.to(dt), t, w, impl=impl), ref_t, dt)
+
+
+# ---------------------------------------------------------------- d11
+_D11 = """
+import torch, crossent
+try:
+    crossent.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), impl="triton")
+    print("NO ERROR")
+except (ValueError, RuntimeError) as e:
+    print("ERROR", type(e).__name__, e)
+"""
+
+
+@pytest.mark.parametrize("interp", [None, "0"])
+def test_d11_triton_on_cpu_without_interpreter_clear_error(interp):
+    pytest.importorskip("triton")
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    if interp is not None:
+        env["TRITON_INTERPRET"] = interp
+    r = subprocess.run([sys.executable, "-c", _D11], env=env, capture_output=True, text=True, timeout=120)
+    out = r.stdout + r.stderr
+    assert "ERROR" in r.stdout and "NO ERROR" not in r.stdout, out[-2000:]
+    assert "active drivers" not in out, out[-2000:]
+    assert "TRITON_INTERPRET" in r.stdout or "CUDA" in r.stdout, out[-2000:]
+
+
+# ---------------------------------------------------------------- d12
+@pytest.mark.parametrize("bad", [-3.0, 0.0])
+def test_d12_num_items_tensor_validated(bad):
+    x, t = torch.randn(3, 5), torch.tensor([0, 4, 2])
+    with pytest.raises(ValueError, match="num_items"):
+        crossent.cross_entropy(x, t, num_items=torch.tensor(bad))
+
+
+def test_d12_num_items_tensor_ok():
+    x = torch.randn(3, 5, dtype=torch.float64)
+    t = torch.tensor([0, 4, 2])
+    ref = F.cross_entropy(x, t, reduction="sum") / 4
+    for impl in IMPLS:
+        assert_close(crossent.cross_entropy(x, t, num_items=torch.tensor(4.0), impl=impl), ref, torch.float64)
+
+
+# ---------------------------------------------------------------- d13
+def test_d13_triton_bf16_gradient_rounded_to_nearest():
+    g = torch.Generator().manual_seed(13)
+    x = (torch.randn(8, 64, generator=g) * 3).to(torch.bfloat16)
+    t = torch.randint(0, 64, (8,), generator=g)
+    ref, (exact,) = grad_of(lambda xx: F.cross_entropy(xx, t), x.double())
+    loss, (ours,) = grad_of(lambda xx: crossent.cross_entropy(xx, t, impl="triton"), x)
+    assert ours.dtype == torch.bfloat16
+    rounded = exact.to(torch.bfloat16).float()
+    diff = (ours.float() - rounded).abs()
+    assert (diff <= rounded.abs() * 2.0**-7).all(), "gradient off by more than one bf16 ulp"
+    frac = float((diff > 0).float().mean())
+    assert frac <= 0.1, f"{frac:.0%} of the bf16 gradient is not float64's rounded to nearest"
+    assert abs(loss.float().item() - ref.item()) <= 2.0**-7 * abs(ref.item())
+
+
+def test_d13_triton_linear_bf16_right_or_refused():
+    g = torch.Generator().manual_seed(14)
+    h = torch.randn(8, 16, generator=g).to(torch.bfloat16)
+    W = torch.randn(64, 16, generator=g).to(torch.bfloat16)
+    t = torch.randint(0, 64, (8,), generator=g)
+    ref = F.cross_entropy(F.linear(h.double(), W.double()), t)
+    try:
+        loss = crossent.linear_cross_entropy(h, W, t, impl="triton")
+    except (ValueError, TypeError, RuntimeError) as e:
+        assert "bfloat16" in str(e) or "bf16" in str(e), str(e)
+        return
+    assert abs(loss.float().item() - ref.item()) <= 2e-2 * abs(ref.item()), f"{loss.item()} vs {ref.item()}"
+
+
+# ---------------------------------------------------------------- d15
+@pytest.mark.parametrize("impl", IMPLS)
+def test_d15_extras_lse_of_infinite_rows(impl):
+    x = torch.tensor([[-INF] * 4, [0.0, INF, 1.0, 2.0], [0.0, 1.0, 2.0, 3.0]])
+    _, extras = crossent.cross_entropy(x, torch.tensor([-100, -100, 1]), impl=impl, return_extras=True)
+    ref = torch.logsumexp(x, 1)
+    assert err(extras["lse"], ref) <= 1e-6, f"lse {extras['lse']} vs torch.logsumexp {ref}"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_d15_extras_predicted_picks_nan_like_argmax(impl):
+    x = torch.tensor([[0.0, NAN, 1.0, 2.0], [0.0, 1.0, 5.0, 3.0]])
+    _, extras = crossent.cross_entropy(x, torch.tensor([-100, 1]), impl=impl, return_extras=True)
+    assert torch.equal(extras["predicted"].long(), torch.argmax(x, 1))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_d15_sparse_nan_in_padding_slot(impl):
+    x = torch.randn(2, 5, generator=torch.Generator().manual_seed(15))
+    idx = torch.tensor([[1, 2], [0, -100]])
+    clean = crossent.cross_entropy(x, SparseTarget(idx, torch.tensor([[0.8, 0.2], [1.0, 0.0]])), impl=impl)
+    dirty = crossent.cross_entropy(x, SparseTarget(idx, torch.tensor([[0.8, 0.2], [1.0, NAN]])), impl=impl)
+    assert torch.equal(dirty, clean)
+
+
+# ---------------------------------------------------------------- d16
+@pytest.mark.parametrize("tshape,shift,probs", [
+    ((2, 4), False, False), ((2, 6), False, False), ((5, 2), False, False), ((10,), False, False),
+    ((2, 5, 3), False, False), ((2, 4, 10), False, True), ((2, 5, 9), True, True), ((3, 5), True, False),
+], ids=str)
+def test_d16_linear_shape_error_names_hidden_states(tshape, shift, probs):
+    h, W = torch.randn(2, 5, 16), torch.randn(10, 16)
+    t = torch.rand(tshape) if probs else torch.randint(0, 10, tshape)
+    with pytest.raises(ValueError) as info:
+        crossent.linear_cross_entropy(h, W, t, shift=shift)
+    msg = str(info.value)
+    assert "[2, 5, 16]" in msg or "[2, 5]" in msg, msg
+    for internal in ("input is [2, 5, 10]", "input [2, 5, 10]", "input is [2, 4, 10]", "class dim 2", "dim=2"):
+        assert internal not in msg, f"message describes the internal logits: {msg}"
+
+
+def test_d16_linear_sparse_shape_error_names_hidden_states():
+    h, W = torch.randn(2, 5, 16), torch.randn(10, 16)
+    st = SparseTarget(torch.zeros(2, 4, 3, dtype=torch.long), torch.ones(2, 4, 3) / 3)
+    with pytest.raises(ValueError) as info:
+        crossent.linear_cross_entropy(h, W, st)
+    msg = str(info.value)
+    assert "[2, 5, 16]" in msg or "[2, 5" in msg, msg
+    assert "[2, 5, 10]" not in msg and "class dim" not in msg, msg
+
+
+# ---------------------------------------------------------------- d17
+@pytest.mark.parametrize("impl", IMPLS)
+def test_d17_float32_logits_float64_probs_promote(impl):
+    g = torch.Generator().manual_seed(17)
+    x = torch.randn(3, 5, generator=g)
+    p = torch.rand(3, 5, generator=g, dtype=torch.float64).softmax(1)
+    ref = F.cross_entropy(x, p)
+    ours = crossent.cross_entropy(x, p, impl=impl)
+    assert ref.dtype == torch.float64
+    assert ours.dtype == torch.float64, f"loss is {ours.dtype}, torch gives float64"
+    assert abs(ours.item() - ref.item()) <= 1e-6 * abs(ref.item())
+
+
+# ---------------------------------------------------------------- d18
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("kind", ["index", "index_ii", "probs"])
+def test_d18_linear_cross_entropy_torch_signature(impl, reduction, kind):
+    g = torch.Generator().manual_seed(18)
+    d = torch.float64
+    x = torch.randn(4, 6, generator=g, dtype=d)
+    W = torch.randn(5, 6, generator=g, dtype=d)
+    b = torch.randn(5, generator=g, dtype=d)
+    w = torch.rand(5, generator=g, dtype=d) + 0.1
+    ii = None
+    if kind == "probs":
+        t = torch.rand(4, 5, generator=g, dtype=d).softmax(1)
+    else:
+        t = torch.tensor([0, 4, -100, 2])
+        if kind == "index_ii":
+            t, ii = torch.tensor([0, 4, -1, 2]), -1
+    kw = dict(weight=w, reduction=reduction, ignore_index=ii, label_smoothing=0.1, options=None)
+    ref, ref_g = grad_of(lambda xx, ww, bb: F.linear_cross_entropy(xx, ww, t, linear_bias=bb, **kw), x, W, b)
+    ours, gs = grad_of(lambda xx, ww, bb: crossent.linear_cross_entropy(xx, ww, t, linear_bias=bb, **kw), x, W, b)
+    assert ours.shape == ref.shape
+    assert_close(ours, ref, d)
+    for name, a, r in zip(["input", "linear_weight", "linear_bias"], gs, ref_g):
+        assert_close(a, r, d, name)
+
+
+@pytest.mark.parametrize("case", ["index", "bias", "probs"])
+def test_d18_linear_k_dim_weight_torch_result_or_clear_error(case):
+    """torch: weight (C, d1, H), input (N, H) -> logits (N, C, d1), classes at dim 1, target (N, d1)."""
+    g = torch.Generator().manual_seed(19)
+    d = torch.float64
+    x = torch.randn(4, 6, generator=g, dtype=d)
+    W = torch.randn(5, 3, 6, generator=g, dtype=d)
+    b = torch.randn(5, 3, generator=g, dtype=d) if case == "bias" else None
+    t = torch.rand(4, 5, 3, generator=g, dtype=d).softmax(1) if case == "probs" else torch.randint(0, 5, (4, 3),
+                                                                                                 generator=g)
+    ref = F.linear_cross_entropy(x, W, t, linear_bias=b)
+    manual = F.cross_entropy(F.linear(x, W.reshape(15, 6), None if b is None else b.reshape(15)).reshape(4, 5, 3), t)
+    assert_close(ref, manual, d)  # what torch computes
+    try:
+        ours = crossent.linear_cross_entropy(x, W, t, linear_bias=b)
+    except ValueError as e:
+        assert "linear_weight" in str(e), str(e)
+        return
+    assert_close(ours, ref, d)
+
+
+def test_d18_linear_k_dim_weight_unbatched_refused():
+    x, W, t = torch.randn(6), torch.randn(5, 3, 6), torch.randint(0, 5, (3,))
+    with pytest.raises(RuntimeError, match="batched"):
+        F.linear_cross_entropy(x, W, t)
+    with pytest.raises((ValueError, RuntimeError), match="linear_weight"):
+        crossent.linear_cross_entropy(x, W, t)
+
+
+# ---------------------------------------------------------------- d19
+@pytest.mark.parametrize("impl", IMPLS)
+def test_d19_linear_integer_shift(impl):
+    dt = EXACT_DTYPE[impl]
+    g = torch.Generator().manual_seed(20)
+    h = torch.randn(2, 5, 16, generator=g, dtype=torch.float64)
+    W = torch.randn(10, 16, generator=g, dtype=torch.float64)
+    t = torch.randint(0, 10, (2, 5), generator=g)
+    logits = F.linear(h, W)
+
+    def shifted(s):
+        return F.cross_entropy(logits[:, :-s].reshape(-1, 10), t[:, s:].reshape(-1))
+
+    assert_close(crossent.linear_cross_entropy(h.to(dt), W.to(dt), t, shift=True, impl=impl), shifted(1), dt)
+    try:
+        two = crossent.linear_cross_entropy(h.to(dt), W.to(dt), t, shift=2, impl=impl)
+    except (ValueError, TypeError) as e:
+        assert "shift" in str(e), str(e)
+        return
+    assert abs(two.item() - shifted(1).item()) > 1e-3, "shift=2 was taken as shift by 1"
+    assert_close(two, shifted(2), dt)
