@@ -167,7 +167,7 @@ def _overlap_cases():
     base = torch.randn(1, 5, generator=torch.Generator().manual_seed(3))
     flat = torch.randn(10, generator=torch.Generator().manual_seed(4))
     return {
-        "expand": (base, lambda leaf: leaf.expand(4, 5)),
+        "expand": (base, lambda leaf: (leaf * 1).expand(4, 5)),
         "as_strided": (flat, lambda leaf: torch.as_strided(leaf * 1, (4, 5), (1, 1))),
     }
 
@@ -319,7 +319,8 @@ def test_d09_label_smoothing_0d_tensor(impl):
     dt = EXACT_DTYPE[impl]
     x = torch.randn(3, 5, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
     t = torch.tensor([0, 4, 2])
-    ref = F.cross_entropy(x, t, label_smoothing=0.1)
+    ref = F.cross_entropy(x, t, label_smoothing=torch.tensor(0.1))  # float32 0.1 (torch accepts the tensor)
+    assert abs(ref.item() - F.cross_entropy(x, t, label_smoothing=0.1).item()) < 1e-7
     ours = crossent.cross_entropy(x.to(dt), t, label_smoothing=torch.tensor(0.1), impl=impl)
     assert_close(ours, ref, dt)
     assert_close(crossent.CrossEntropyLoss(label_smoothing=torch.tensor(0.1))(x.to(dt), t), ref, dt)
@@ -460,7 +461,8 @@ def test_d16_linear_sparse_shape_error_names_hidden_states():
         crossent.linear_cross_entropy(h, W, st)
     msg = str(info.value)
     assert "[2, 5, 16]" in msg or "[2, 5" in msg, msg
-    assert "[2, 5, 10]" not in msg and "class dim" not in msg, msg
+    for internal in ("input is [2, 5, 10]", "input [2, 5, 10]", "class dim"):
+        assert internal not in msg, f"message describes the internal logits: {msg}"
 
 
 # ---------------------------------------------------------------- d17
@@ -482,7 +484,7 @@ def test_d17_float32_logits_float64_probs_promote(impl):
 @pytest.mark.parametrize("kind", ["index", "index_ii", "probs"])
 def test_d18_linear_cross_entropy_torch_signature(impl, reduction, kind):
     g = torch.Generator().manual_seed(18)
-    d = torch.float64
+    d, dt = torch.float64, EXACT_DTYPE[impl]  # float64 on triton runs chunked: float32 there
     x = torch.randn(4, 6, generator=g, dtype=d)
     W = torch.randn(5, 6, generator=g, dtype=d)
     b = torch.randn(5, generator=g, dtype=d)
@@ -494,13 +496,15 @@ def test_d18_linear_cross_entropy_torch_signature(impl, reduction, kind):
         t = torch.tensor([0, 4, -100, 2])
         if kind == "index_ii":
             t, ii = torch.tensor([0, 4, -1, 2]), -1
-    kw = dict(weight=w, reduction=reduction, ignore_index=ii, label_smoothing=0.1, options=None)
-    ref, ref_g = grad_of(lambda xx, ww, bb: F.linear_cross_entropy(xx, ww, t, linear_bias=bb, **kw), x, W, b)
-    ours, gs = grad_of(lambda xx, ww, bb: crossent.linear_cross_entropy(xx, ww, t, linear_bias=bb, **kw), x, W, b)
+    kw = dict(reduction=reduction, ignore_index=ii, label_smoothing=0.1, options=None)
+    ref, ref_g = grad_of(lambda xx, ww, bb: F.linear_cross_entropy(xx, ww, t, linear_bias=bb, weight=w, **kw), x, W, b)
+    t_ = t.to(dt) if kind == "probs" else t
+    ours, gs = grad_of(lambda xx, ww, bb: crossent.linear_cross_entropy(xx, ww, t_, linear_bias=bb, weight=w.to(dt),
+                                                                        impl=impl, **kw), x.to(dt), W.to(dt), b.to(dt))
     assert ours.shape == ref.shape
-    assert_close(ours, ref, d)
+    assert_close(ours, ref, dt)
     for name, a, r in zip(["input", "linear_weight", "linear_bias"], gs, ref_g):
-        assert_close(a, r, d, name)
+        assert_close(a, r, dt, name)
 
 
 @pytest.mark.parametrize("case", ["index", "bias", "probs"])

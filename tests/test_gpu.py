@@ -94,9 +94,10 @@ def test_int64_offsets_past_2_31():
 
 @cuda
 def test_auto_picks_triton_on_cuda():
-    from crossent.functional import resolve_impl
+    from crossent.impl.registry import resolve
 
-    assert resolve_impl("auto", torch.device("cuda")) == "triton"
+    assert resolve("auto", torch.device("cuda"), torch.float32).name == "triton"
+    assert resolve("auto", torch.device("cuda"), torch.float64).name == "chunked"
 
 
 @cuda

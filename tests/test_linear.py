@@ -101,7 +101,7 @@ def test_linear_matches_materialized_logits(impl, dt, p):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_float32_no_worse_than_torch_and_n1(reduction, onednn, monkeypatch):
     # CPU float32 chunk GEMMs go through oneDNN by default; torch.mm when it is off
-    monkeypatch.setattr(crossent.impl.chunked, "_ONEDNN", onednn and torch.backends.mkldnn.is_available())
+    monkeypatch.setattr(crossent.config.CONFIG, "onednn", onednn)
     for N, V, tied in ((1, 7, False), (33, 1001, False), (40, 300, True)):
         g = torch.Generator().manual_seed(N)
         x = torch.randn(N, 24, generator=g)
@@ -272,8 +272,8 @@ def test_triton_forward_vocabulary_splits_merge_exactly(splits, kind, monkeypatc
     # here (16-wide tiles, 2/3/7 splits) and compare loss, extras and gradients with float64
     from crossent.impl.triton import linear as tl_linear
 
-    monkeypatch.setattr(tl_linear, "BLOCK_V", 16)
-    monkeypatch.setattr(tl_linear, "FWD_SPLITS", splits)
+    monkeypatch.setattr(crossent.config.CONFIG, "triton_linear_blocks", (64, 16, 64))
+    monkeypatch.setattr(crossent.config.CONFIG, "triton_fwd_splits", splits)
     g = torch.Generator().manual_seed(splits)
     N, H, V = 9, 12, 101
     x = torch.randn(N, H, generator=g)
@@ -316,10 +316,11 @@ def test_triton_autotuned_launch_path(monkeypatch):
     # configs and a timer that calls each trial several times, so a missing reset would show
     from crossent.impl.triton import linear as tl_linear
 
-    monkeypatch.setattr(tl_linear, "_FWD_CONFIGS", [(16, 32, 16, 4, 3), (32, 16, 16, 4, 3)])
-    monkeypatch.setattr(tl_linear, "_BWD_CONFIGS", [(16, 32, 16, 4, 3), (32, 16, 16, 4, 3)])
-    monkeypatch.setattr(tl_linear, "SPLIT_GRAIN", 32)
-    monkeypatch.setattr(tl_linear, "FWD_SPLITS", 3)
+    configs = ((16, 32, 16, 4, 3), (32, 16, 16, 4, 3))
+    monkeypatch.setattr(crossent.config.CONFIG, "triton_fwd_configs", configs)
+    monkeypatch.setattr(crossent.config.CONFIG, "triton_bwd_configs", configs)
+    monkeypatch.setattr(crossent.config.CONFIG, "triton_split_grain", 32)
+    monkeypatch.setattr(crossent.config.CONFIG, "triton_fwd_splits", 3)
 
     def timer(call, quantiles=None, **_):
         for _ in range(3):

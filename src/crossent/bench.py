@@ -137,9 +137,7 @@ def _make_linear_step(impl: str, N: int, H: int, V: int, dtype: torch.dtype, dev
     elif impl.split("@")[0] in ("chunked", "chunked_mm", "triton", "auto"):  # "chunked@256": chunk_size=256
         name, _, rows = impl.partition("@")
         if name == "chunked_mm":  # the chunked impl with torch.mm (MKL) instead of oneDNN on CPU
-            from crossent.impl import chunked as _ch
-
-            _ch._ONEDNN, name = False, "chunked"
+            crossent.config.CONFIG.onednn, name = False, "chunked"  # this worker process only
         chunk = int(rows) if rows else None
 
         def fn(x, w, t):

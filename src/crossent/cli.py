@@ -132,7 +132,8 @@ def info() -> None:
     from rich.table import Table
 
     from .bench import machine
-    from .functional import _triton_available, resolve_impl
+    from .config import CONFIG
+    from .impl.registry import explain, resolve
 
     t = Table(title=f"crossent {crossent.__version__}")
     t.add_column("")
@@ -147,8 +148,12 @@ def info() -> None:
     except Exception:  # noqa: BLE001
         t.add_row("triton", "not installed (pip install 'crossent[triton]')")
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    t.add_row("impl='auto' here", resolve_impl("auto", dev) + (" (triton importable)" if _triton_available() else ""))
+    auto = resolve("auto", dev, torch.float32)
+    t.add_row("impl='auto' here", f"{auto.name}: {auto.reason}")
+    t.add_row(f"impls on {dev.type}", "\n".join(explain(dev)))
     t.add_row("value checks", "on" if crossent.checks_enabled() else "off (CROSSENT_CHECKS=0)")
+    t.add_row("knobs (crossent.config)", ", ".join(f"{k}={v}" for k, v in vars(CONFIG).items()
+                                                   if not k.endswith("_configs")))
     Console().print(t)
 
 

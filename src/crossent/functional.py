@@ -299,16 +299,18 @@ def _check_linear_args(input: Tensor, linear_weight: Tensor, linear_bias: Option
         raise ValueError(f"input is {_fmt(input.shape)} (hidden size {input.shape[-1]}) but linear_weight is "
                          f"[{V}, {H}] (hidden size {H}): linear_weight must be [vocab, hidden]; did you pass its "
                          "transpose?")
-    if not linear_weight.dtype.is_floating_point:
-        raise TypeError(f"linear_weight must be floating, got {linear_weight.dtype}")
+    autocast = input.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(input.device.type)
+    if linear_weight.dtype != input.dtype and not autocast:
+        raise TypeError(f"linear_weight is {linear_weight.dtype} but input is {input.dtype}: cast one to the "
+                        "other (as torch.nn.functional.linear requires)")
     if linear_weight.device != input.device:
         raise ValueError(f"linear_weight is on {linear_weight.device} but input on {input.device}")
     if linear_bias is not None:
         if not isinstance(linear_bias, Tensor) or linear_bias.shape != (V,):
             got = _fmt(linear_bias.shape) if isinstance(linear_bias, Tensor) else type(linear_bias).__name__
             raise ValueError(f"linear_bias must have shape [{V}] (one per row of linear_weight), got {got}")
-        if linear_bias.device != input.device or not linear_bias.dtype.is_floating_point:
-            raise ValueError(f"linear_bias must be a floating tensor on {input.device}, like input")
+        if linear_bias.device != input.device or (linear_bias.dtype != input.dtype and not autocast):
+            raise ValueError(f"linear_bias must be {input.dtype} on {input.device}, like input")
     if V == 0:
         raise ValueError("linear_weight has 0 rows: there are no classes")
     return V, H
@@ -316,16 +318,12 @@ def _check_linear_args(input: Tensor, linear_weight: Tensor, linear_bias: Option
 
 def _linear_promoted(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], tgt: Target):
     """The hidden states, weight and bias in one dtype: autocast's (as ``F.linear`` under autocast),
-    else PyTorch's promotion of the three (and of probability targets, as ``cross_entropy``)."""
+    else promoted with probability targets (as ``cross_entropy`` promotes)."""
     dev = input.device.type
     if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
         dtype = torch.get_autocast_dtype(dev)
     else:
-        dtype = torch.promote_types(input.dtype, linear_weight.dtype)
-        if linear_bias is not None:
-            dtype = torch.promote_types(dtype, linear_bias.dtype)
-        if isinstance(tgt, ProbsTarget):
-            dtype = torch.promote_types(dtype, tgt.probs.dtype)
+        dtype = torch.promote_types(input.dtype, tgt.probs.dtype) if isinstance(tgt, ProbsTarget) else input.dtype
     cast = [None if t is None else (t if t.dtype == dtype else t.to(dtype)) for t in (input, linear_weight, linear_bias)]
     return tuple(cast)
 
@@ -343,6 +341,32 @@ def _chunk_size(chunk_size: Optional[int], options) -> Optional[int]:
     return chunk_size if rows is None else rows
 
 
+def _check_linear_target(input: Tensor, target, V: int, shift: int) -> None:
+    """The target's shape against the hidden states ``[..., H]``: indices ``[...]``, probabilities
+    ``[..., V]`` or a SparseTarget ``[..., k]`` (before any shift)."""
+    pos = input.shape[:-1]
+    if isinstance(target, SparseTarget):
+        ok, got = target.indices.shape[:-1] == pos, target.indices.shape
+    elif isinstance(target, Tensor):
+        floating = target.dtype.is_floating_point
+        ok, got = target.shape == pos + (V,) or (target.shape == pos and not floating), target.shape
+        if floating and target.shape == pos:
+            raise TypeError(f"target is {target.dtype} with shape {_fmt(target.shape)}, the shape of class indices "
+                            f"for hidden states {_fmt(input.shape)}: class indices must be integers, use target.long()")
+    else:
+        return  # normalize_target names the wrong type
+    if ok:
+        return
+    sparse = f"{_fmt(pos)[:-1]}{', ' if len(pos) else ''}k]"
+    hint = ""
+    if shift and len(pos) and got[:len(pos)] == pos[:-1] + (pos[-1] - shift,):
+        hint = "; the labels look shifted already: pass shift=False"
+    raise ValueError(f"input (hidden states) is {_fmt(input.shape)} and linear_weight has {V} rows, so the target "
+                     f"must be class indices {_fmt(pos)}, one-hot or probabilities {_fmt(pos + (V,))} or a SparseTarget "
+                     f"{sparse}; got {_fmt(got)}" + (" (with shift, the target covers every position before "
+                                                       "shifting)" if shift else "") + hint)
+
+
 def _check_shift(shift) -> int:
     """``shift``: False/0 (none), True/1 (next token), or a number of positions k >= 0."""
     if isinstance(shift, bool):
@@ -357,22 +381,7 @@ def _linear_positions(input: Tensor, target, V: int, shift: int):
     """``(positions' shape, target, row_ids)``: the target checked against the hidden states (errors
     name the input's shape, not the logits'), and with ``shift`` the labels and rows it pairs."""
     pos_shape = input.shape[:-1]
-    kind_shapes = (f"class indices {_fmt(pos_shape)}, probabilities {_fmt(pos_shape + (V,))} or a SparseTarget "
-                   f"{_fmt(pos_shape)[:-1]}{', ' if len(pos_shape) else ''}k]")
-    tshape = (target.indices.shape[:-1] if isinstance(target, SparseTarget) else
-              target.shape[:len(pos_shape)] if isinstance(target, Tensor) and target.dim() == len(pos_shape) + 1
-              else target.shape if isinstance(target, Tensor) else None)
-    if tshape is not None and tshape != pos_shape:
-        hint = ""
-        if shift and len(pos_shape) and tshape == pos_shape[:-1] + (pos_shape[-1] - shift,):
-            hint = f"; the labels look shifted already: pass shift=False"
-        elif not shift and len(pos_shape) and input.dim() >= 3 and tshape[:1] == pos_shape[:1] and len(tshape) == 2 \
-                and tshape[1] == V:
-            hint = ("; crossent takes classes last (input [..., H] pairs with target [...]), where "
-                    "torch.nn.functional.linear_cross_entropy reads dim 1 of the logits as classes")
-        raise ValueError(f"input (hidden states) is {_fmt(input.shape)}, so the target must be {kind_shapes}, "
-                         f"got {_fmt(target.indices.shape if isinstance(target, SparseTarget) else target.shape)}"
-                         + hint)
+    _check_linear_target(input, target, V, shift)
     if not shift:
         return pos_shape, target, None
     if input.dim() < 2:

@@ -19,8 +19,8 @@ fused impls scatter, without a pass over the logits.
 Checks that read target *values* (out-of-range classes, multi-hot rows, NaN)
 need the data on the host: on CUDA each costs one device synchronisation.
 They run by default; :func:`crossent.set_checks` (or ``CROSSENT_CHECKS=0``)
-turns them off. With checks off, a bad value never raises a device-side
-assert: its position gets a NaN loss instead.
+turns them off. With checks off, a bad value gives its position a NaN loss
+(never a device-side assert).
 """
 
 from __future__ import annotations
@@ -292,7 +292,7 @@ def normalize_target(target, input, cdim: int, target_format: str, ignore_index:
     if fmt == "one_hot":
         return _one_hot(target, input.shape, cdim, ignore_index)
     if fmt == "probs":
-        return _probs(target, input.shape, cdim)
+        return _probs(target, input.shape, cdim, ignore_index)
     raise TypeError("target_format='sparse' needs a crossent.SparseTarget(indices, values)")
 
 
@@ -380,10 +380,16 @@ def _check_one_hot(t: Tensor, not_binary: Tensor, nonzero: Tensor, count: Tensor
             "or pass a float target normalised to sum to 1 (target_format='probs')")
 
 
-def _probs(target: Tensor, shape: torch.Size, cdim: int) -> ProbsTarget:
-    """Probabilities (PyTorch's rule: ``ignore_index`` does not apply to them, as in PyTorch).
-    NaN is looked for only when the loss comes out NaN (:func:`check_after`): no extra pass."""
+def _probs(target: Tensor, shape: torch.Size, cdim: int, ignore_index: int) -> ProbsTarget:
+    """Probabilities. ``ignore_index`` does not apply to them; as in PyTorch, a negative one (the
+    default -100, or -1) is accepted and unused, a class index (>= 0) is refused. NaN is looked for
+    only when the loss comes out NaN (:func:`check_after`): no extra pass."""
     P, C, Q, _ = _layout(shape, cdim)
+    if ignore_index >= 0:
+        raise ValueError(
+            f"ignore_index={ignore_index} names a class, but probability targets have no class index to "
+            "ignore (PyTorch refuses a non-negative ignore_index with them too): give ignored positions an "
+            "all-zero row, or use index targets")
     if not target.dtype.is_floating_point:
         raise TypeError(f"target_format='probs' needs a floating target, got {target.dtype}; use target.float()")
     if target.shape != shape:

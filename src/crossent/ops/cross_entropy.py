@@ -56,16 +56,29 @@ class _FusedCrossEntropy(torch.autograd.Function):
                 grad3 = grad.view(call.shape3)
         terms = call.impl.cross_entropy(x3, call.target, call.opts, call.red, grad3)
         loss = call.red.reduce(terms.ce, terms.z)
+        overwritten = None
         if grad3 is x3:
-            torch.autograd.graph.increment_version(input)  # anything that saved the logits now errors, not misleads
+            # anything that saved the logits now errors at its backward, not misleads; and the logits
+            # become an output of this function, so a gradient reaching them later raises (see backward)
+            torch.autograd.graph.increment_version(input)
             _mark_overwritten(input)
+            ctx.mark_dirty(input)
+            overwritten = input
+        ctx.set_materialize_grads(False)
         save_gradients(ctx, [grad])
         ctx.call = call
-        return outputs(ctx, loss, terms)
+        return (*outputs(ctx, loss, terms), overwritten)
 
     @staticmethod
-    def backward(ctx, grad_loss, *_):
+    def backward(ctx, grad_loss, _lse, _z, _pred, grad_overwritten):
         call: FusedCall = ctx.call
+        if grad_overwritten is not None:
+            raise RuntimeError(
+                "crossent: logits that a cross_entropy call with inplace_backward=True overwrote with its "
+                "gradient were used afterwards by something that needs their gradient: compute every other use "
+                "of the logits before the loss with inplace_backward (or drop inplace_backward)")
+        if grad_loss is None:
+            return None, None
         refuse_double_backward(f"impl={call.impl.NAME!r}")
         go = grad_loss
         if not call.red.scalar and go.dim() > 0:
@@ -76,7 +89,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
 
 def fused_cross_entropy(input: Tensor, call: FusedCall):
     """``(loss, lse, z, predicted)`` through the fused autograd function."""
-    return _FusedCrossEntropy.apply(input, call)
+    return _FusedCrossEntropy.apply(input, call)[:4]
 
 
 # Logits overwritten by inplace_backward: storage address -> (the tensor, its version after the write).

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ...config import CONFIG
+from ...config import CONFIG, triton_interpreted
 from ...options import Options
 from ...reduction import Reduction
 from ...targets import ProbsTarget, Target
@@ -63,7 +63,8 @@ def cross_entropy(x3: Tensor, tgt: Target, opts: Options, red: Reduction, grad3:
         Q, C, ls, float(softcap) if softcap is not None else 1.0, float(opts.z_loss),
         IS_PROBS=probs, HAS_W=w is not None, HAS_RV=rv is not None, HAS_LS=ls > 0, HAS_CAP=softcap is not None,
         HAS_Z=bool(opts.z_loss), WANT_GRAD=grad3 is not None, WANT_PRED=want_pred,
-        KP=triton.next_power_of_2(K), BLOCK=block, DOWN=g.element_size() < 4,
+        KP=triton.next_power_of_2(K), BLOCK=block,
+        EMULATE_RTNE=triton_interpreted() and g.dtype == torch.bfloat16,
         num_warps=8 if block >= 2048 else 4,
     )
     return RowTerms(ce, z, lse, pred)

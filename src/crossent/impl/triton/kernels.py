@@ -66,10 +66,14 @@ def _merge_argmax(best, besti, tmax, ti):
 
 
 @triton.jit
-def _round_to(x, dtype: tl.constexpr, DOWN: tl.constexpr):
-    """``x.to(dtype)``, rounded to nearest when it narrows a float (the interpreter would truncate)."""
-    if DOWN:
-        y = x.to(dtype, fp_downcast_rounding="rtne")
+def _round_to(x, dtype: tl.constexpr, EMULATE_RTNE: tl.constexpr):
+    """``x.to(dtype)``, rounded to nearest even. A GPU does that in the conversion; the interpreter
+    truncates float32 to bfloat16, so ``EMULATE_RTNE`` rounds the bits first (bfloat16 only)."""
+    if EMULATE_RTNE:
+        u = x.to(tl.uint32, bitcast=True)
+        u = u + 0x7FFF + ((u >> 16) & 1)
+        r = (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        y = tl.where(x != x, x.to(dtype), r)
     else:
         y = x.to(dtype)
     return y
@@ -104,7 +108,7 @@ def ce_fwd_kernel(
     Q, C, ls, softcap, z_loss,
     IS_PROBS: tl.constexpr, HAS_W: tl.constexpr, HAS_RV: tl.constexpr, HAS_LS: tl.constexpr,
     HAS_CAP: tl.constexpr, HAS_Z: tl.constexpr, WANT_GRAD: tl.constexpr, WANT_PRED: tl.constexpr,
-    KP: tl.constexpr, BLOCK: tl.constexpr, DOWN: tl.constexpr,
+    KP: tl.constexpr, BLOCK: tl.constexpr, EMULATE_RTNE: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
     p = r // Q
@@ -146,7 +150,7 @@ def ce_fwd_kernel(
             wd = _shifted_sum(wd, ws, shift, wc, dx, 0)
             ws += tl.sum(wc, 0)
     logs = tl.log(s)
-    lse = m + logs
+    lse = tl.where((m == float("inf")) | (m == float("-inf")), m, m + logs)  # as torch.logsumexp
 
     rv = 1.0
     if HAS_RV:
@@ -204,7 +208,7 @@ def ce_fwd_kernel(
                 gr -= sm * wc
             if HAS_CAP:
                 gr *= 1.0 - th * th
-            tl.store(grow + offs * sgc, _round_to(gr, G.dtype.element_ty, DOWN), mask=mask)
+            tl.store(grow + offs * sgc, _round_to(gr, G.dtype.element_ty, EMULATE_RTNE), mask=mask)
         if not IS_PROBS:
             # Rewrite the k target classes in float32: coef * p - (sum of the masses at that class + smoothing).
             tl.debug_barrier()
@@ -215,5 +219,5 @@ def ce_fwd_kernel(
                 gy -= sm * _class_weights(W, cols, kmask, HAS_W)
             if HAS_CAP:
                 gy *= 1.0 - thy * thy
-            tl.store(grow + cols * sgc, _round_to(gy, G.dtype.element_ty, DOWN), mask=kmask)
+            tl.store(grow + cols * sgc, _round_to(gy, G.dtype.element_ty, EMULATE_RTNE), mask=kmask)
 

@@ -160,7 +160,7 @@ def linear_cross_entropy(x2: Tensor, row_ids: Optional[Tensor], linear_weight: T
             red.ce_scale.to(f32).reshape(1), red.z_scale.to(f32).reshape(1),
             dx, dw, db, M, V, H, ls, cap, float(z_loss), float(opts.filter_eps or 0.0), _pow2(M),
             HAS_RS=row_scale is not None, NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db,
-            FILTER=opts.filter_eps is not None, DOWN=x2.element_size() < 4, **dots, **flags, **blocks)
+            FILTER=opts.filter_eps is not None, EMULATE_RTNE=triton_interpreted() and x2.dtype == torch.bfloat16, **dots, **flags, **blocks)
         dx = dx.to(x2.dtype) if need_dx else None
         dw = dw.to(linear_weight.dtype) if need_dw else None
         db = db.to(bias.dtype) if need_db else None

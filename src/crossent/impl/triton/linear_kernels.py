@@ -221,7 +221,7 @@ def lce_bwd_kernel(
     HAS_RS: tl.constexpr, NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
     FILTER: tl.constexpr, KP: tl.constexpr,
     BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, F32DOT: tl.constexpr,
-    DOWN: tl.constexpr,
+    EMULATE_RTNE: tl.constexpr,
 ):
     pid_v = tl.program_id(1).to(tl.int64)
     r, rmask, rows = _row_block(tl.program_id(0).to(tl.int64), RID, M, HAS_RID, BM)
@@ -269,7 +269,7 @@ def lce_bwd_kernel(
     if FILTER:
         go_on = tl.max(tl.max(tl.abs(dl), 1), 0) >= filter_eps
     if go_on:
-        dlc = dl if F32DOT else _round_to(dl, X.dtype.element_ty, DOWN)
+        dlc = dl if F32DOT else _round_to(dl, X.dtype.element_ty, EMULATE_RTNE)
         if NEED_DB:
             tl.atomic_add(DB + v, tl.sum(dl, 0), mask=vmask)
         for k0 in range(0, H, BK):
