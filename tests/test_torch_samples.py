@@ -96,8 +96,8 @@ TRITON_BUDGET = {
     "opinfo:nn.functional.cross_entropy": 150,
     "module:nn.CrossEntropyLoss": 450,
     "opinfo:nn.functional.linear_cross_entropy": 150,
-    "opinfo:nn.functional.linear_cross_entropy.chunked": 60,
-    "opinfo:nn.functional.linear_cross_entropy.chunked_none": 60,
+    "opinfo:nn.functional.linear_cross_entropy.chunked": 80,
+    "opinfo:nn.functional.linear_cross_entropy.chunked_none": 80,
     "module:nn.LinearCrossEntropyLoss": 200,
 }
 
@@ -586,7 +586,8 @@ def _triton_subset(ss, budget):
     """A deterministic subset within about ``budget``: the first sample of every distinct shape and
     target kind (but for shapes costing over a quarter of the budget: PyTorch's 200-position
     ``higher_dim`` CrossEntropyLoss samples; the OpInfo's 2x3x1x2x3 covers three spatial dims),
-    then the other keyword combinations, cheapest first, while the budget lasts."""
+    then the cheapest sample of every other keyword combination, then the rest cheapest first,
+    while the budget lasts."""
     firsts, seen = [], set()
     for s in ss:
         if s.key not in seen:
@@ -599,8 +600,19 @@ def _triton_subset(ss, budget):
             shapes.add(shape)
             chosen.append(s)
     spent = sum(s.cost for s in chosen)
-    for s in sorted((s for s in firsts if s not in chosen), key=lambda s: s.cost):
-        if spent + s.cost <= budget:
+    kinds = {"|".join(s.key.split("|")[2:]) for s in chosen}
+    cheapest = {}
+    for s in firsts:
+        kind = "|".join(s.key.split("|")[2:])
+        if kind not in cheapest or s.cost < cheapest[kind].cost:
+            cheapest[kind] = s
+    for kind, s in cheapest.items():  # then every keyword combination (and ignored-target state) once
+        if kind not in kinds and spent + s.cost <= budget:
+            kinds.add(kind)
+            chosen.append(s)
+            spent += s.cost
+    for s in sorted(firsts, key=lambda s: s.cost):
+        if s not in chosen and spent + s.cost <= budget:
             chosen.append(s)
             spent += s.cost
     names = {s.name for s in chosen}

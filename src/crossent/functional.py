@@ -132,14 +132,16 @@ def cross_entropy(input: Tensor, target, weight: Optional[Tensor] = None, ignore
     input = _promoted(input, tgt)
     r = resolve(impl, input.device, input.dtype)
     check_supported(r, opts, tgt.requires_grad)
-    check_not_overwritten(original)
-    if opts.inplace_backward:
+    if not torch.compiler.is_compiling():  # traced: nothing is written in place
+        check_not_overwritten(original)
+    if opts.inplace_backward and not torch.compiler.is_compiling():
         check_inplace(original)
         if isinstance(tgt, ProbsTarget):
             tgt.check_finite()  # before the logits are overwritten
     shape3 = (math.prod(input.shape[:cdim]), C, math.prod(input.shape[cdim + 1:]))
     pos_shape = torch.Size(input.shape[:cdim] + input.shape[cdim + 1:])
-    with _no_autocast(input) as out_dtype:
+    autocast_off, out_dtype = _autocast_off(input)
+    with autocast_off:
         red = plan_reduction(tgt, opts, acc_dtype(input.dtype), input.device, pos_shape, out_dtype)
         if r.fused:
             call = FusedCall(r.module, tgt, opts, red, shape3, cdim, torch.is_grad_enabled())
@@ -166,17 +168,14 @@ def _promoted(input: Tensor, tgt: Target) -> Tensor:
     return input
 
 
-@contextlib.contextmanager
-def _no_autocast(*tensors: Tensor):
-    """Run an impl with autocast off, yielding the loss's dtype: float32 under autocast for 16-bit
-    inputs (cross_entropy is on autocast's float32 list), else the input's dtype."""
-    dev = tensors[0].device.type
-    dtype = tensors[0].dtype
+def _autocast_off(input: Tensor):
+    """``(context, loss dtype)``: run the impl with autocast off; under autocast the loss of 16-bit
+    inputs is float32 (cross_entropy is on autocast's float32 list), else it has the input's dtype."""
+    dev = input.device.type
     if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
-        with torch.autocast(dev, enabled=False):
-            yield torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    else:
-        yield dtype
+        out = torch.float32 if input.dtype in (torch.float16, torch.bfloat16) else input.dtype
+        return torch.autocast(dev, enabled=False), out
+    return contextlib.nullcontext(), input.dtype
 
 
 def _finish(loss: Tensor, lse: Tensor, z: Optional[Tensor], pred: Optional[Tensor], pos_shape: torch.Size,
@@ -273,7 +272,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target, linear_bi
     x, lw, lb = _linear_promoted(input, linear_weight, linear_bias, tgt)
     r = resolve(impl, x.device, x.dtype)
     check_supported(r, opts, tgt.requires_grad, "linear_cross_entropy")
-    with _no_autocast(x) as out_dtype:
+    autocast_off, out_dtype = _autocast_off(x)
+    with autocast_off:
         red = plan_reduction(tgt, opts, acc_dtype(x.dtype), x.device, pos_shape, out_dtype)
         x2 = x.reshape(-1, H)
         if r.fused:

@@ -16,7 +16,6 @@ autograd Functions of :mod:`crossent.ops`.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from types import ModuleType
 from typing import List
@@ -24,11 +23,13 @@ from typing import List
 import torch
 
 from ..config import triton_interpreted
+from . import chunked, reference
+from . import triton as triton_impl  # imports no triton: its launchers do, at their first call
 
 __all__ = ["IMPLS", "Resolved", "resolve", "explain"]
 
 IMPLS = ("auto", "torch", "chunked", "triton")
-_MODULES = {"torch": "crossent.impl.reference", "chunked": "crossent.impl.chunked", "triton": "crossent.impl.triton"}
+_MODULES = {"torch": reference, "chunked": chunked, "triton": triton_impl}
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class Resolved:
 
     @property
     def module(self) -> ModuleType:
-        return importlib.import_module(_MODULES[self.name])
+        return _MODULES[self.name]
 
     @property
     def fused(self) -> bool:
