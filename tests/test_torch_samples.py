@@ -560,7 +560,6 @@ if HAS_LINEAR_CE:
     })
 
 _CACHE: dict = {}
-RAW_COUNTS: dict = {}
 
 
 def samples(source, dtype):
@@ -572,13 +571,7 @@ def samples(source, dtype):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             origin, raw = gen(dtype)
-        unique, seen = [], set()
-        for s in _to_samples(source, op, origin, raw):
-            if s.key not in seen:
-                seen.add(s.key)
-                unique.append(s)
-        _CACHE[source, dtype] = unique
-        RAW_COUNTS[source, dtype] = len(raw)
+        _CACHE[source, dtype] = _to_samples(source, op, origin, raw)
     return _CACHE[source, dtype]
 
 
@@ -682,6 +675,8 @@ def _run(s, who, impl, dtype, options=None):
         wrt["linear_weight"] = w
     if kw.get("linear_bias") is not None:
         wrt["linear_bias"] = kw["linear_bias"]
+    if t.dtype.is_floating_point and t.requires_grad:  # PyTorch's soft targets require grad
+        wrt["target"] = t
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         loss = _call(s, who, impl, x, w, t, kw, options)
@@ -758,6 +753,16 @@ def _group_key(msg):
 # Tests.
 # ---------------------------------------------------------------------------------------
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The samples are tiny: on a busy machine each op's intra-op thread hand-off costs
+    milliseconds (40x the op), so this file runs single-threaded."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def test_sample_sources(capsys):
     """Records where the samples came from and how many there are (printed with -s or on -rA)."""
     lines = [f"samples from: {SAMPLES_FROM}"]
@@ -767,8 +772,8 @@ def test_sample_sources(capsys):
             ss = samples(source, dtype)
             assert ss, f"{source}: no samples at {dtype}"
             assert len({s.name for s in ss}) == len(ss)
-            counts.append(f"{str(dtype)[6:]}: {RAW_COUNTS[source, dtype]} samples, {len(ss)} distinct, "
-                          f"{len(selected(source, dtype, 'triton'))} on triton")
+            counts.append(f"{str(dtype)[6:]}: {len(ss)} ({len({s.key for s in ss})} distinct, "
+                          f"{len(selected(source, dtype, 'triton'))} on triton)")
         lines.append(f"{source} [{ss[0].origin}]: " + ", ".join(counts))
     with capsys.disabled():
         print("\n" + "\n".join(lines))
@@ -787,7 +792,7 @@ def test_torch_samples(source, dtype, impl):
             failures[_group_key(_first_line(e))].append((s.name, _first_line(e)))
     if failures:
         n = sum(len(v) for v in failures.values())
-        lines = [f"{n} of {len(ss)} samples of {source} fail on impl={impl} {dtype} (samples: {SAMPLES_FROM}):"]
+        lines = [f"{n} of {len(ss)} samples of {source} [{ss[0].origin}] fail on impl={impl} {dtype}:"]
         for items in sorted(failures.values(), key=len, reverse=True):
             lines.append(f"  [{len(items)}x] {items[0][1]}")
             for name, _ in items[:4]:

@@ -37,23 +37,23 @@ class LinearCall:
     red: Reduction
     grad_enabled: bool  # torch.is_grad_enabled() at the call: no gradient work under no_grad
 
-    def run(self, x2: Tensor, w: Tensor, b: Optional[Tensor], want, row_scale: Optional[Tensor] = None):
-        return self.impl.linear_cross_entropy(x2, self.row_ids, w, b, self.target, self.opts, self.red, want,
+    def run(self, x2: Tensor, lw: Tensor, lb: Optional[Tensor], want, row_scale: Optional[Tensor] = None):
+        return self.impl.linear_cross_entropy(x2, self.row_ids, lw, lb, self.target, self.opts, self.red, want,
                                               row_scale)
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2: Tensor, w: Tensor, b: Optional[Tensor], call: LinearCall):
+    def forward(ctx, x2: Tensor, lw: Tensor, lb: Optional[Tensor], call: LinearCall):
         want = tuple(bool(n) and call.grad_enabled for n in ctx.needs_input_grad[:3])
         fused = call.red.scalar and any(want)
-        res = call.run(x2, w, b, want if fused else (False, False, False))
+        res = call.run(x2, lw, lb, want if fused else (False, False, False))
         loss = call.red.reduce(res.terms.ce, res.terms.z)
         ctx.call, ctx.fused, ctx.want = call, fused, want
         if fused:
             save_gradients(ctx, [res.dx, res.dw, res.db])
         else:
-            ctx.save_for_backward(x2, w, b)
+            ctx.save_for_backward(x2, lw, lb)
         return outputs(ctx, loss, res.terms)
 
     @staticmethod
@@ -61,21 +61,22 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         call: LinearCall = ctx.call
         refuse_double_backward(f"linear_cross_entropy with impl={call.impl.NAME!r}")
         if not ctx.fused:
-            x2, w, b = ctx.saved_tensors
-            res = call.run(x2, w, b, ctx.want, grad_loss.reshape(-1))
+            x2, lw, lb = ctx.saved_tensors
+            res = call.run(x2, lw, lb, ctx.want, grad_loss.reshape(-1))
             return res.dx, res.dw, res.db, None
         dx, dw, db = release_scaled(ctx, grad_loss)
         return dx, dw, db, None
 
 
-def fused_linear_cross_entropy(x2: Tensor, w: Tensor, b: Optional[Tensor], call: LinearCall):
-    """``(loss, lse, z, predicted)`` through the fused linear autograd function."""
+def fused_linear_cross_entropy(x2: Tensor, lw: Tensor, lb: Optional[Tensor], call: LinearCall):
+    """``(loss, lse, z, predicted)`` through the fused linear autograd function (``lw``, ``lb``: the
+    projection's weight and bias)."""
     if not call.red.scalar:
-        return _eager_apply(x2, w, b, call)
-    return _FusedLinearCrossEntropy.apply(x2, w, b, call)
+        return _eager_apply(x2, lw, lb, call)
+    return _FusedLinearCrossEntropy.apply(x2, lw, lb, call)
 
 
 @torch.compiler.disable
-def _eager_apply(x2: Tensor, w: Tensor, b: Optional[Tensor], call: LinearCall):
+def _eager_apply(x2: Tensor, lw: Tensor, lb: Optional[Tensor], call: LinearCall):
     """reduction='none' recomputes in its backward, which torch.compile cannot trace: one graph break."""
-    return _FusedLinearCrossEntropy.apply(x2, w, b, call)
+    return _FusedLinearCrossEntropy.apply(x2, lw, lb, call)
