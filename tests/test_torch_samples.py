@@ -17,23 +17,26 @@ with the sample counts.
 
 Each sample runs on crossent (``cross_entropy``, ``CrossEntropyLoss``,
 ``linear_cross_entropy``, ``LinearCrossEntropyLoss``) with ``impl`` "torch", "chunked" and
-"triton", in float64, float32 and bfloat16, beside PyTorch's own function on the same
-tensors. The loss, its dtype and shape, and the gradients (input; linear weight and bias)
-are compared:
+"triton", in float64, float32 and bfloat16 (the sample functions called at that dtype),
+beside PyTorch's own function on the same tensors. The loss (value, dtype, shape) and the
+gradients are compared: input; linear weight and bias; and the target where PyTorch's
+sample makes it require grad (soft targets). Against:
 
-* float64: against PyTorch in float64, to 1e-10 relative (``oracle.assert_close64``);
+* float64: PyTorch in float64, to 1e-10 relative (``oracle.assert_close64``);
 * float32, bfloat16: crossent's error against PyTorch in float64 (on the same values) is
   at most twice PyTorch's own error at that dtype, plus a few ulps (``oracle.assert_no_worse``).
 
 ``reduction="none"`` losses are backpropagated with a fixed random upstream gradient.
 PyTorch's ``LinearCrossEntropyOptions`` (``options=``: how PyTorch chunks its own
 computation) have no crossent counterpart: crossent runs without them, PyTorch at the
-sample's dtype with them, the float64 oracle without.
+sample's dtype with them, the float64 oracle without. A ``torch.nn.LinearCrossEntropyLoss``
+sample is built as PyTorch's module tests build it (parameters drawn under a fixed seed) and
+runs through ``crossent.LinearCrossEntropyLoss`` with the module's weight (and bias),
+reshaped to ``[num_classes, *out_features, in_features]`` as that module's ``forward`` does.
 
 The triton impl runs on the CPU under ``TRITON_INTERPRET=1``, which is slow: in float32 and
-bfloat16 it runs a deterministic subset (``_triton_subset``: one sample per distinct
-shape/keyword combination, options ignored, then an even stride down to a budget);
-float64 on triton is the chunked path and runs everything.
+bfloat16 it runs a deterministic subset within ``TRITON_BUDGET`` (``_triton_subset``);
+float64 on triton is the chunked path and runs every sample.
 
 Samples crossent rejects on purpose are listed in ``EXPECTED_REJECTIONS`` with the reason;
 every other sample must match.

@@ -8,7 +8,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .targets import SparseTarget, _fmt, class_dim, normalize_target
+from .targets import SparseTarget, _fmt, _position, class_dim, normalize_target
 
 __all__ = ["diagnose"]
 
@@ -240,17 +240,9 @@ def _working(c: Tensor) -> Tensor:
     return c if c.dtype in (torch.float32, torch.float64) else c.float()
 
 
-def _unravel(flat: int, shape: Sequence[int]) -> Tuple[int, ...]:
-    pos = []
-    for s in reversed(list(shape)):
-        pos.append(flat % s if s else 0)
-        flat //= max(s, 1)
-    return tuple(reversed(pos))
-
-
 def _row(x: Tensor, r: int, pos_shape: torch.Size) -> Tensor:
     """Row ``r`` (flat position order) of ``x`` with classes last."""
-    return x[_unravel(r, pos_shape)] if len(pos_shape) else x
+    return x[_position(r, pos_shape)] if len(pos_shape) else x
 
 
 def _total(parts: List[Tensor]) -> List[int]:
@@ -358,13 +350,13 @@ def _one_hot_labels(target: Tensor, cdim: int, C: int, pos_shape: torch.Size,
         r = int(bad.nonzero()[0, 0])
         row = _row(tl, r, pos_shape)
         j = int(((row != 0) & (row != 1)).nonzero()[0, 0])
-        return None, (f"one-hot target has value {row[j].item()} at position {_unravel(r, pos_shape)} class {j}: "
+        return None, (f"one-hot target has value {row[j].item()} at position {_position(r, pos_shape)} class {j}: "
                       "one-hot rows hold only 0 and 1; for soft labels pass a float target (probs)")
     multi = count > 1
     if bool(multi.any()):
         r = int(multi.nonzero()[0, 0])
         set_ = (_row(tl, r, pos_shape) != 0).nonzero().reshape(-1).tolist()
-        return None, (f"one-hot target has {len(set_)} classes set at position {_unravel(r, pos_shape)} "
+        return None, (f"one-hot target has {len(set_)} classes set at position {_position(r, pos_shape)} "
                       f"(classes {set_[:8]}): that is multi-label: use "
                       "torch.nn.functional.binary_cross_entropy_with_logits, "
                       "or pass a float target normalised to sum to 1 (target_format='probs')")
@@ -399,7 +391,7 @@ def _probs_findings(target: Tensor, cdim: int, C: int, pos_shape: torch.Size, we
         i = int(off.nonzero()[0, 0])
         findings.append(
             f"probability targets should sum to 1 over the classes, but {int(off.sum())} rows do not "
-            f"(the first, at position {_unravel(i, pos_shape)}, sums to {float(s[i]):.4g}): normalise them, "
+            f"(the first, at position {_position(i, pos_shape)}, sums to {float(s[i]):.4g}): normalise them, "
             "or use index or one-hot targets")
     if neg:
         findings.append("probability targets hold negative values: probabilities are in [0, 1]")

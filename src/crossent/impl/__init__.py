@@ -1,3 +1,4 @@
-"""Implementations. Each computes per-position loss terms for canonical inputs
-(logits viewed as ``[P, C, Q]``, a :class:`crossent.targets.Target`); none of
-them knows about PyTorch's argument conventions."""
+"""Implementations. Each computes per-position loss terms (and, fused, their gradients) for
+canonical inputs: logits viewed as ``[P, C, Q]``, a typed target (:mod:`crossent.targets`), the
+:class:`~crossent.options.Options` and the :class:`~crossent.reduction.Reduction`. None of them
+knows PyTorch's argument conventions; :mod:`crossent.impl.registry` says which one runs."""
