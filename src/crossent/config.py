@@ -92,6 +92,8 @@ def set_checks(enabled: bool) -> bool:
     at its position instead of an error (never a device-side assert).
     ``CROSSENT_CHECKS=0`` in the environment turns them off at import.
     """
+    if not isinstance(enabled, (bool, int)) or isinstance(enabled, int) and enabled not in (0, 1):
+        raise TypeError(f"set_checks takes True or False, got {enabled!r}")
     previous = CONFIG.checks
     CONFIG.checks = bool(enabled)
     return previous

@@ -8,19 +8,25 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+try:
+    from numpy import bool_ as np_bool
+except ImportError:  # numpy is optional
+    np_bool = bool
+
 from .impl import reference
 from .impl.common import acc_dtype
 from .impl.registry import Resolved, check_supported, resolve
 from .ops import (FusedCall, LinearCall, check_inplace, check_not_overwritten, fused_cross_entropy,
-                  fused_linear_cross_entropy)
+                  fused_linear_cross_entropy, mark_overwritten)
 from .options import Options, check_target_format, make_options
 from .reduction import plan_reduction
-from .targets import ProbsTarget, SparseTarget, Target, _fmt, check_after, class_dim, normalize_target
+from .targets import ProbsTarget, SparseTarget, Target, TopKTarget, _fmt, check_after, class_dim, normalize_target
 
 __all__ = ["cross_entropy", "linear_cross_entropy"]
 
@@ -145,7 +151,10 @@ def cross_entropy(input: Tensor, target, weight: Optional[Tensor] = None, ignore
         red = plan_reduction(tgt, opts, acc_dtype(input.dtype), input.device, pos_shape, out_dtype)
         if r.fused:
             call = FusedCall(r.module, tgt, opts, red, shape3, cdim, torch.is_grad_enabled())
+            version = input._version
             loss, lse, z, pred = fused_cross_entropy(input, call)
+            if opts.inplace_backward and input._version != version and not torch.compiler.is_compiling():
+                mark_overwritten(input)  # a later crossent call on these "logits" raises
         else:
             terms = reference.cross_entropy(input.reshape(shape3), tgt, opts, red)
             loss, lse, z, pred = red.reduce(terms.ce, terms.z), terms.lse, terms.z, terms.predicted
@@ -160,12 +169,18 @@ def _no_process_group(process_group) -> None:
 
 def _promoted(input: Tensor, tgt: Target) -> Tensor:
     """PyTorch's type promotion with probability targets: float32 logits and float64 probabilities
-    compute (and return) in float64."""
+    compute (and return) in float64 (top-k values alike)."""
+    dtype = _target_dtype(input.dtype, tgt)
+    return input if dtype == input.dtype else input.to(dtype)
+
+
+def _target_dtype(dtype: torch.dtype, tgt: Target) -> torch.dtype:
+    """``dtype`` promoted with soft targets' (dense or top-k) values."""
     if isinstance(tgt, ProbsTarget):
-        dtype = torch.promote_types(input.dtype, tgt.probs.dtype)
-        if dtype != input.dtype:
-            return input.to(dtype)
-    return input
+        return torch.promote_types(dtype, tgt.probs.dtype)
+    if isinstance(tgt, TopKTarget):
+        return torch.promote_types(dtype, tgt.values.dtype)
+    return dtype
 
 
 def _autocast_off(input: Tensor):
@@ -259,6 +274,12 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target, linear_bi
         >>> loss = crossent.linear_cross_entropy(h, W, labels, shift=True)
         >>> loss.backward()
     """
+    if isinstance(linear_weight, Tensor) and linear_weight.dim() > 2:
+        return _linear_k_dim(input, linear_weight, target, linear_bias, shift=shift, weight=weight,
+                             ignore_index=-100 if ignore_index is None else ignore_index, reduction=reduction,
+                             label_smoothing=label_smoothing, target_format=target_format, z_loss=z_loss,
+                             softcap=softcap, num_items=num_items, impl=impl, process_group=process_group,
+                             return_extras=return_extras)
     V, H = _check_linear_args(input, linear_weight, linear_bias)
     opts = make_options(classes=V, device=input.device, weight=weight, ignore_index=ignore_index,
                         reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
@@ -275,7 +296,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target, linear_bi
     autocast_off, out_dtype = _autocast_off(x)
     with autocast_off:
         red = plan_reduction(tgt, opts, acc_dtype(x.dtype), x.device, pos_shape, out_dtype)
-        x2 = x.reshape(-1, H)
+        x2 = x.reshape(math.prod(x.shape[:-1]), H)
         if r.fused:
             call = LinearCall(r.module, row_ids, tgt, opts, red, torch.is_grad_enabled())
             loss, lse, z, pred = fused_linear_cross_entropy(x2, lw, lb, call)
@@ -285,21 +306,51 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target, linear_bi
     return _finish(loss, lse, z, pred, pos_shape, tgt, target, opts)
 
 
+def _linear_k_dim(input: Tensor, linear_weight: Tensor, target, linear_bias: Optional[Tensor], *, shift, **kw):
+    """A K-dimensional projection ``[C, d1, ..., dK, H]``, as ``torch.nn.functional.linear_cross_entropy``
+    takes it: logits ``[N, C, d1, ..., dK]`` from a ``[N, H]`` input, then :func:`cross_entropy` with
+    classes at dim 1. The logits are built (PyTorch's reference path does the same)."""
+    W = linear_weight
+    if not isinstance(input, Tensor) or input.dim() != 2:
+        got = _fmt(input.shape) if isinstance(input, Tensor) else type(input).__name__
+        raise ValueError(f"a K-dimensional linear_weight {_fmt(W.shape)} (classes first, hidden last, as in "
+                         f"torch.nn.functional.linear_cross_entropy) needs a batched input [N, {W.shape[-1]}], "
+                         f"got {got}")
+    if shift:
+        raise ValueError("shift needs a [V, H] linear_weight and input [..., T, H]; a K-dimensional "
+                         f"linear_weight {_fmt(W.shape)} has no sequence to shift along")
+    if input.shape[-1] != W.shape[-1]:
+        raise ValueError(f"input is {_fmt(input.shape)} (hidden size {input.shape[-1]}) but linear_weight is "
+                         f"{_fmt(W.shape)} (hidden size {W.shape[-1]}, its last dim)")
+    out_features = W.shape[:-1]
+    if linear_bias is not None and (not isinstance(linear_bias, Tensor) or linear_bias.shape != out_features):
+        got = _fmt(linear_bias.shape) if isinstance(linear_bias, Tensor) else type(linear_bias).__name__
+        raise ValueError(f"linear_bias must have shape {_fmt(out_features)} (linear_weight without its hidden "
+                         f"dim), got {got}")
+    flat_bias = None if linear_bias is None else linear_bias.reshape(-1)
+    logits = torch.nn.functional.linear(input, W.reshape(-1, W.shape[-1]), flat_bias)
+    return cross_entropy(logits.reshape(input.shape[:1] + out_features), target, dim=1, **kw)
+
+
 def _check_linear_args(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor]):
     """``(V, H)`` after checking the hidden states, the projection and its bias."""
-    if not isinstance(input, Tensor) or not input.dtype.is_floating_point or input.dim() == 0:
+    if not isinstance(input, Tensor) or not input.dtype.is_floating_point:
         raise TypeError("input must be a floating tensor of hidden states [..., H], got "
                         + (f"{input.dtype} {_fmt(input.shape)}" if isinstance(input, Tensor) else type(input).__name__))
+    if input.dim() == 0:
+        raise ValueError("input is a 0-dim tensor, but linear_cross_entropy needs hidden states [..., H] "
+                         "(at least a hidden dim)")
     if not isinstance(linear_weight, Tensor) or linear_weight.dim() != 2:
         got = _fmt(linear_weight.shape) if isinstance(linear_weight, Tensor) else type(linear_weight).__name__
-        raise ValueError(f"linear_weight must be a [V, H] matrix (vocabulary, hidden), got {got}; "
-                         "crossent's linear_cross_entropy takes a 2-D projection only")
+        raise ValueError(f"linear_weight must be a [V, H] matrix (vocabulary, hidden) or, as in PyTorch, "
+                         f"[C, d1, ..., dK, H]; got {got}")
     V, H = linear_weight.shape
     if input.shape[-1] != H:
         raise ValueError(f"input is {_fmt(input.shape)} (hidden size {input.shape[-1]}) but linear_weight is "
                          f"[{V}, {H}] (hidden size {H}): linear_weight must be [vocab, hidden]; did you pass its "
                          "transpose?")
-    autocast = input.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(input.device.type)
+    autocast = input.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(input.device.type) \
+        and input.dtype != torch.float64 and linear_weight.dtype != torch.float64
     if linear_weight.dtype != input.dtype and not autocast:
         raise TypeError(f"linear_weight is {linear_weight.dtype} but input is {input.dtype}: cast one to the "
                         "other (as torch.nn.functional.linear requires)")
@@ -320,10 +371,10 @@ def _linear_promoted(input: Tensor, linear_weight: Tensor, linear_bias: Optional
     """The hidden states, weight and bias in one dtype: autocast's (as ``F.linear`` under autocast),
     else promoted with probability targets (as ``cross_entropy`` promotes)."""
     dev = input.device.type
-    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
-        dtype = torch.get_autocast_dtype(dev)
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev) and input.dtype != torch.float64:
+        dtype = torch.get_autocast_dtype(dev)  # autocast leaves float64 alone
     else:
-        dtype = torch.promote_types(input.dtype, tgt.probs.dtype) if isinstance(tgt, ProbsTarget) else input.dtype
+        dtype = _target_dtype(input.dtype, tgt)
     cast = [None if t is None else (t if t.dtype == dtype else t.to(dtype)) for t in (input, linear_weight, linear_bias)]
     return tuple(cast)
 
@@ -369,12 +420,16 @@ def _check_linear_target(input: Tensor, target, V: int, shift: int) -> None:
 
 def _check_shift(shift) -> int:
     """``shift``: False/0 (none), True/1 (next token), or a number of positions k >= 0."""
-    if isinstance(shift, bool):
+    if isinstance(shift, (bool, np_bool)):
         return int(shift)
-    if not isinstance(shift, int) or shift < 0:
+    try:
+        k = operator.index(shift)
+    except TypeError:
+        k = -1
+    if k < 0:
         raise ValueError(f"shift={shift!r} must be True/False or a number of positions >= 0 "
                          "(position t predicts the label at t + shift)")
-    return shift
+    return k
 
 
 def _linear_positions(input: Tensor, target, V: int, shift: int):

@@ -7,13 +7,22 @@ from typing import Optional
 from torch import Tensor, nn
 
 from .functional import cross_entropy, linear_cross_entropy
-from .options import check_label_smoothing, check_reduction, check_softcap, check_target_format, check_z_loss
+from .options import (check_ignore_index, check_label_smoothing, check_reduction, check_softcap,
+                      check_target_format, check_z_loss)
 
 __all__ = ["CrossEntropyLoss", "LinearCrossEntropyLoss"]
 
 
-def _check_module_options(reduction, label_smoothing, z_loss, softcap, target_format) -> None:
+def _check_module_options(reduction, label_smoothing, z_loss, softcap, target_format, ignore_index, impl,
+                          shift=False) -> None:
     """Fail at construction, not at the first forward (the functions check everything again)."""
+    from .functional import _check_shift
+    from .impl.registry import IMPLS
+
+    check_ignore_index(ignore_index, allow_none=True)
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r} is not one of {', '.join(repr(i) for i in IMPLS)}")
+    _check_shift(shift)
     check_reduction(reduction)
     check_label_smoothing(label_smoothing)
     check_z_loss(z_loss)
@@ -61,7 +70,7 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
                  softcap: Optional[float] = None, impl: str = "auto", inplace_backward: bool = False,
                  process_group=None, return_extras: bool = False, size_average=None, reduce=None) -> None:
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
-        _check_module_options(self.reduction, label_smoothing, z_loss, softcap, target_format)
+        _check_module_options(self.reduction, label_smoothing, z_loss, softcap, target_format, ignore_index, impl)
         self.dim = dim
         self.target_format = target_format
         self.z_loss = z_loss
@@ -125,7 +134,7 @@ class LinearCrossEntropyLoss(nn.Module):
                  z_loss: float = 0.0, softcap: Optional[float] = None, impl: str = "auto",
                  chunk_size: Optional[int] = None, process_group=None, return_extras: bool = False) -> None:
         super().__init__()
-        _check_module_options(reduction, label_smoothing, z_loss, softcap, target_format)
+        _check_module_options(reduction, label_smoothing, z_loss, softcap, target_format, ignore_index, impl, shift)
         self.register_buffer("weight", weight)
         self.ignore_index = ignore_index
         self.reduction = reduction

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import operator
+import warnings
 from dataclasses import dataclass
 from numbers import Number
 from typing import Optional, Union
@@ -63,7 +64,7 @@ def _number(value, name: str, hint: str) -> float:
             raise ValueError(f"{name} must be a number or a one-element tensor, got a tensor of shape "
                              f"{list(value.shape)} ({value.dtype}); {hint}")
         return float(value.detach().reshape(()).item())
-    if isinstance(value, bool) or not isinstance(value, Number) or isinstance(value, complex):
+    if not isinstance(value, Number) or isinstance(value, complex):  # a bool is a number, as in PyTorch
         raise ValueError(f"{name}={value!r} must be a number; {hint}")
     return float(value)
 
@@ -95,6 +96,10 @@ def check_softcap(value) -> Optional[float]:
 
 
 def check_reduction(value) -> str:
+    if value == "elementwise_mean":  # PyTorch's deprecated spelling, which it still takes
+        warnings.warn("reduction='elementwise_mean' is deprecated (in PyTorch too): use reduction='mean'",
+                      DeprecationWarning, stacklevel=3)
+        return "mean"
     if value not in REDUCTIONS:
         raise ValueError(f"reduction={value!r} is not one of 'none', 'mean', 'sum'")
     return value
@@ -164,9 +169,13 @@ def check_weight(weight: Optional[Tensor], classes: int, device: torch.device, n
 def check_chunk_size(value) -> Optional[int]:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    try:
+        rows = operator.index(value) if not isinstance(value, bool) else 0
+    except TypeError:
+        rows = 0
+    if rows < 1:
         raise ValueError(f"chunk_size={value!r} must be a positive number of rows, or None to choose it")
-    return value
+    return rows
 
 
 def check_filter_eps(value) -> Optional[float]:

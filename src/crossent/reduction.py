@@ -36,6 +36,7 @@ class Reduction:
     z_scale: Tensor
     pos_shape: torch.Size  # the shape of the per-position loss
     out_dtype: torch.dtype  # the loss's dtype
+    nan_at_zero: bool = False  # a weighted mean over nothing is NaN, as PyTorch's 0/0 (smoothing included)
 
     @property
     def scalar(self) -> bool:
@@ -50,6 +51,8 @@ class Reduction:
         loss = ce_rows.sum()
         if self.ce_denom is not None:
             loss = loss / self.ce_denom
+            if self.nan_at_zero:
+                loss = torch.where(self.ce_denom == 0, torch.full_like(loss, float("nan")), loss)
         if z_rows is not None:
             z = z_rows.sum()
             loss = loss + (z / self.z_denom if self.z_denom is not None else z)
@@ -66,6 +69,7 @@ def plan_reduction(tgt: Target, opts: Options, acc: torch.dtype, device: torch.d
     ``num_items`` replaces both.
     """
     ce_denom = z_denom = count = None
+    nan_at_zero = False
     if opts.num_items is not None:
         # a Python count becomes a device fill, not a host-to-device copy (which would sync on CUDA)
         n = opts.num_items
@@ -78,10 +82,14 @@ def plan_reduction(tgt: Target, opts: Options, acc: torch.dtype, device: torch.d
             w = opts.class_weight(acc)
             ce_denom = count if w is None else (w[tgt.index.clamp(0, w.numel() - 1)] * valid).sum()
             z_denom = count
+            nan_at_zero = True
         else:
             ce_denom = z_denom = torch.full((), float(tgt.positions), dtype=acc, device=device)
-    return Reduction(opts.reduction, ce_denom, z_denom, _scale(ce_denom, count, acc, device),
-                     _scale(z_denom, None, acc, device), pos_shape, out_dtype)
+    if opts.num_items is not None:  # the caller's count: divided by as given (0 gives inf, as in every impl)
+        ce_scale = z_scale = 1.0 / ce_denom
+    else:
+        ce_scale, z_scale = _scale(ce_denom, count, acc, device), _scale(z_denom, None, acc, device)
+    return Reduction(opts.reduction, ce_denom, z_denom, ce_scale, z_scale, pos_shape, out_dtype, nan_at_zero)
 
 
 def _scale(denom: Optional[Tensor], count: Optional[Tensor], acc: torch.dtype, device: torch.device) -> Tensor:

@@ -26,6 +26,7 @@ turns them off. With checks off, a bad value gives its position a NaN loss
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -241,8 +242,13 @@ def _position(flat_index: int, shape: Sequence[int]) -> Tuple[int, ...]:
 
 def class_dim(input: Tensor, dim: int) -> int:
     """The class dim of ``input`` (0 for an unbatched ``(C,)`` input)."""
-    if not isinstance(dim, int) or isinstance(dim, bool):
-        raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+    dim_in = dim
+    try:
+        dim = operator.index(dim) if not isinstance(dim, bool) else None
+    except TypeError:
+        dim = None
+    if dim is None:
+        raise TypeError(f"dim must be an int, got {type(dim_in).__name__} {dim_in!r}")
     if input.dim() == 0:
         raise ValueError("input is a 0-dim tensor: cross_entropy needs logits with a class dim, e.g. [N, C] or [C]")
     if input.dim() == 1:

@@ -133,16 +133,16 @@ def _chunk_pass(x3: Tensor, tgt: Target, opts: Options, w: Optional[Tensor], row
         xc = _row_view(x3, p0, p1)
         if xc.dtype != acc or not xc.is_contiguous():
             xc = scratch.get("x", n).copy_(xc)
+        # Every read of the logits comes before the softmax, which may overwrite
+        # them (inplace_backward writes the gradient over the logits).
+        if rows.pred is not None:  # of the raw logits: softcap's tanh may saturate distinct logits into a tie
+            rows.pred[r0:r1] = xc.argmax(1)
         th = None
         if softcap is not None:
             th = torch.div(xc, softcap, out=scratch.get("th", n)).tanh_()
             xs = torch.mul(th, softcap, out=scratch.get("xs", n))
         else:
             xs = xc
-        # Every read of the logits comes before the softmax, which may overwrite
-        # them (inplace_backward writes the gradient over the logits).
-        if rows.pred is not None:
-            rows.pred[r0:r1] = xs.argmax(1)
         xmax = torch.amax(xs, 1, out=rows.xmax[r0:r1])
         q = _target_sums(tgt, rows, xs, xmax, w, ls, C, p0, p1, r0, r1, scratch)
         # softmax straight into the gradient buffer when it is a plain float view

@@ -26,6 +26,7 @@ def cross_entropy(x3: Tensor, tgt: Target, opts: Options, red: Reduction, grad3:
     differentiable, ``lse`` and ``predicted`` detached."""
     acc = acc_dtype(x3.dtype)
     x = x3.transpose(1, 2).to(acc)  # [P, Q, C]
+    predicted = x.detach().argmax(-1).reshape(-1)  # of the raw logits (softcap's tanh may saturate into ties)
     C = x.shape[-1]
     if opts.softcap is not None:
         x = opts.softcap * torch.tanh(x / opts.softcap)
@@ -55,7 +56,7 @@ def cross_entropy(x3: Tensor, tgt: Target, opts: Options, red: Reduction, grad3:
         q = (1 - ls) * p + ls / C if ls > 0 else p
         if w is not None:
             q = q * w
-        ce = -torch.where(q == 0, zero, q * logp).sum(-1)
+        ce = -(q * _zero_mass_safe(q, logp)).sum(-1)
     else:  # TopKTarget
         idx, pad = tgt.indices, tgt.padding
         in_range = (idx >= 0) & (idx < C)
@@ -65,7 +66,7 @@ def cross_entropy(x3: Tensor, tgt: Target, opts: Options, red: Reduction, grad3:
         q = (1 - ls) * v
         if w is not None:
             q = q * w[idc]
-        ce = -torch.where(q == 0, zero, q * logp.gather(-1, idc)).sum(-1)
+        ce = -(q * _zero_mass_safe(q, logp.gather(-1, idc))).sum(-1)
         if ls > 0:
             ce = ce + (ls / C) * smooth()
 
@@ -75,7 +76,14 @@ def cross_entropy(x3: Tensor, tgt: Target, opts: Options, red: Reduction, grad3:
         if row_valid is not None:
             z = torch.where(row_valid, z, zero)
         z = z.reshape(-1)
-    return RowTerms(ce.reshape(-1), z, lse.detach().reshape(-1), x.detach().argmax(-1).reshape(-1))
+    return RowTerms(ce.reshape(-1), z, lse.detach().reshape(-1), predicted)
+
+
+def _zero_mass_safe(q: Tensor, logp: Tensor) -> Tensor:
+    """``logp`` with 0 where the target mass is 0 and ``logp`` is infinite: ``q * log p`` is then 0
+    (not ``0 * -inf``), with no NaN in either gradient, and the gradient in ``q`` stays ``log p``
+    wherever that is finite (a soft target's gradient at a zero mass is not 0)."""
+    return torch.where((q == 0) & torch.isinf(logp), torch.zeros_like(logp), logp)
 
 
 def linear_cross_entropy(x2: Tensor, row_ids: Optional[Tensor], linear_weight: Tensor, linear_bias: Optional[Tensor],

@@ -25,7 +25,7 @@ from ..reduction import Reduction
 from ..targets import Target
 from ._grads import outputs, refuse_double_backward, release_scaled, save_gradients
 
-__all__ = ["FusedCall", "fused_cross_entropy", "check_inplace", "check_not_overwritten"]
+__all__ = ["FusedCall", "fused_cross_entropy", "check_inplace", "check_not_overwritten", "mark_overwritten"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -58,12 +58,13 @@ class _FusedCrossEntropy(torch.autograd.Function):
         loss = call.red.reduce(terms.ce, terms.z)
         overwritten = None
         if grad3 is x3:
-            # anything that saved the logits now errors at its backward, not misleads; and the logits
+            # anything that saved the logits now errors at its backward, not misleads; and (unless
+            # they are a view, which autograd allows only for single-output functions) the logits
             # become an output of this function, so a gradient reaching them later raises (see backward)
             torch.autograd.graph.increment_version(input)
-            _mark_overwritten(input)
-            ctx.mark_dirty(input)
-            overwritten = input
+            if input._base is None:
+                ctx.mark_dirty(input)
+                overwritten = input
         ctx.set_materialize_grads(False)
         save_gradients(ctx, [grad])
         ctx.call = call
@@ -96,7 +97,8 @@ def fused_cross_entropy(input: Tensor, call: FusedCall):
 _OVERWRITTEN: Dict[int, Tuple[weakref.ref, int]] = {}
 
 
-def _mark_overwritten(t: Tensor) -> None:
+def mark_overwritten(t: Tensor) -> None:
+    """Remember that ``t`` (as it is now, its version included) holds a gradient, not logits."""
     key = t.untyped_storage().data_ptr()
     _OVERWRITTEN[key] = (weakref.ref(t, lambda _: _OVERWRITTEN.pop(key, None)), t._version)
 
@@ -123,8 +125,22 @@ def check_inplace(input: Tensor) -> None:
             f"inplace_backward=True would write the gradient over the input, which is {what}: its values (and "
             "its .grad, which shares them) would be destroyed. Pass the output of an operation (logits = model(x)) "
             "or drop inplace_backward")
-    if torch._debug_has_internal_overlap(input) != 0:
+    if _may_overlap(input):
         raise ValueError(
             f"inplace_backward=True cannot write the gradient over an input whose elements overlap in memory "
             f"(strides {list(input.stride())}, e.g. from expand() or as_strided()): pass input.contiguous() "
             "or drop inplace_backward")
+
+
+def _may_overlap(t: Tensor) -> bool:
+    """Whether two elements of ``t`` may share memory: a stride-0 dim, or strides that do not nest
+    (dims of size > 1 sorted by stride, each stride at least the span of the dims below it). Sliced
+    views (``x[:, :-1]``) nest; ``expand`` and overlapping ``as_strided`` do not."""
+    if torch._debug_has_internal_overlap(t) == 1:
+        return True
+    span = 1
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s > 1):
+        if stride < span:
+            return True
+        span = stride * size
+    return False

@@ -131,11 +131,11 @@ def ce_fwd_kernel(
         offs = c0 + tl.arange(0, BLOCK).to(tl.int64)
         mask = offs < C
         x = tl.load(xrow + offs * sxc, mask=mask, other=float("-inf")).to(tl.float32)
+        if WANT_PRED:  # of the raw logits: softcap's tanh may saturate distinct logits into a tie
+            best, besti = _track_argmax(x, offs, best, besti, 0)
         if HAS_CAP:
             x = tl.where(mask, softcap * _tanh(x / softcap), float("-inf"))
         tmax = tl.max(x, 0)
-        if WANT_PRED:
-            best, besti = _track_argmax(x, offs, best, besti, 0)
         m_new, m_ref, shift = _max_shift(m, tmax)
         s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(x - m_ref), 0)
         m = m_new

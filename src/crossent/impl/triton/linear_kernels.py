@@ -89,12 +89,12 @@ def lce_fwd_kernel(
         v = v0 + tl.arange(0, BV).to(tl.int64)
         vmask = v < v_hi
         x = _logits_tile(X, sxr, rows, rmask, W, swv, B, v, vmask, H, HAS_B, BM, BV, BK, PREC, F32DOT)
+        if WANT_PRED:  # of the raw logits: softcap's tanh may saturate distinct logits into a tie
+            best, besti = _track_argmax(tl.where(vmask[None, :], x, float("-inf")), v[None, :], best, besti, 1)
         if HAS_CAP:
             x = softcap * _tanh(x / softcap)
         x = tl.where(vmask[None, :], x, float("-inf"))
         tmax = tl.max(x, 1)
-        if WANT_PRED:
-            best, besti = _track_argmax(x, v[None, :], best, besti, 1)
         m_new, m_ref, shift = _max_shift(m, tmax)
         s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(x - m_ref[:, None]), 1)
         m = m_new
