@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import crossent
 from crossent import SparseTarget
-from oracle import EXACT_DTYPE, RTOL, assert_close, err
+from oracle import EXACT_DTYPE, RTOL, assert_close, err, loss_and_grad
 
 IMPLS = ["torch", "chunked", "triton"]
 FUSED = ["chunked", "triton"]
@@ -557,3 +557,158 @@ def test_d19_linear_integer_shift(impl):
         return
     assert abs(two.item() - shifted(1).item()) > 1e-3, "shift=2 was taken as shift by 1"
     assert_close(two, shifted(2), dt)
+
+
+# --------------------------------------------------------------------------- found by a second hostile probe
+
+
+@pytest.mark.parametrize("second", ["same", "detach", "slice", "no_grad"])
+def test_p01_second_crossent_call_on_overwritten_logits_raises(second):
+    h = torch.randn(6, 8, requires_grad=True)
+    W = torch.randn(10, 8, requires_grad=True)
+    y = torch.randint(0, 10, (6,))
+    lg = h @ W.t()
+    crossent.cross_entropy(lg, y, impl="chunked", inplace_backward=True)
+    with pytest.raises(RuntimeError, match="inplace_backward"):
+        if second == "same":
+            crossent.cross_entropy(lg, y)
+        elif second == "detach":
+            crossent.cross_entropy(lg.detach(), y, impl="torch")
+        elif second == "slice":
+            crossent.cross_entropy(lg[:3], y[:3])
+        else:
+            with torch.no_grad():
+                crossent.cross_entropy(lg, y)
+    lg.detach().copy_(torch.randn(6, 10))  # refilled: logits again, no error
+    crossent.cross_entropy(lg.detach(), y)
+
+
+@pytest.mark.parametrize("impl", FUSED)
+@pytest.mark.parametrize("layout", ["view", "reshape", "transpose_dim", "btv_dim"])
+def test_p02_inplace_backward_on_views_of_non_leaf_logits(impl, layout):
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(2, 3, 4, generator=g, requires_grad=True)
+    W = torch.randn(5, 4, generator=g)
+    t = torch.randint(0, 5, (6,), generator=g)
+    cases = {
+        "view": (lambda a: a.view(6, 5), t, 1),
+        "reshape": (lambda a: a.reshape(-1, 5), t, 1),
+        "transpose_dim": (lambda a: a.transpose(1, 2), t.view(2, 3), 1),
+        "btv_dim": (lambda a: a, t.view(2, 3), -1),
+    }
+    shape, tgt, dim = cases[layout]
+
+    def ours(h):
+        return crossent.cross_entropy(shape(F.linear(h, W)), tgt, dim=dim, impl=impl, inplace_backward=True)
+
+    def ref(h):
+        return crossent.cross_entropy(shape(F.linear(h, W)), tgt, dim=dim, impl="torch")
+
+    lo, go = loss_and_grad(ours, h)
+    le, ge = loss_and_grad(ref, h)
+    assert torch.allclose(lo, le, atol=1e-5) and torch.allclose(go, ge, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", FUSED)
+def test_p08_sliced_views_are_written_in_place_not_refused(impl):
+    h = torch.randn(2, 4, 8, requires_grad=True)
+    lg = F.linear(h, torch.randn(10, 8))
+    lab = torch.randint(0, 10, (2, 4))
+    ref = F.cross_entropy(lg.detach()[:, :-1].reshape(-1, 10), lab[:, 1:].reshape(-1))
+    got = crossent.cross_entropy(lg[:, :-1], lab[:, 1:], dim=-1, impl=impl, inplace_backward=True)
+    assert torch.allclose(got, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_p04_predicted_is_the_argmax_of_the_raw_logits_under_softcap(impl):
+    x = torch.tensor([[20.0, 30.0, 0.0], [-5.0, 40.0, 39.0]])
+    _, ex = crossent.cross_entropy(x, torch.tensor([1, 1]), softcap=1.0, return_extras=True, impl=impl)
+    assert ex["predicted"].tolist() == [1, 1]
+    W = torch.eye(3)
+    _, ex = crossent.linear_cross_entropy(x, W, torch.tensor([1, 1]), softcap=1.0, return_extras=True, impl=impl)
+    assert ex["predicted"].tolist() == [1, 1]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_p05_p06_degenerate_denominators_agree_with_torch(impl):
+    dt = torch.float64 if impl != "triton" else torch.float32
+    x = torch.randn(3, 4, dtype=dt)
+    t = torch.tensor([1, 2, 3])
+    w = torch.tensor([1.0, 0, 0, 0], dtype=dt)
+    ours = crossent.cross_entropy(x, t, weight=w, label_smoothing=0.3, impl=impl)
+    assert torch.isnan(ours) and torch.isnan(F.cross_entropy(x, t, weight=w, label_smoothing=0.3))
+    prev = crossent.set_checks(False)
+    try:
+        grads = []
+        for name in ("torch", impl):
+            xx = x.clone().requires_grad_(True)
+            loss = crossent.cross_entropy(xx, t, num_items=torch.tensor(0), impl=name)
+            loss.backward()
+            assert torch.isinf(loss)
+            grads.append(xx.grad)
+        assert torch.equal(torch.isfinite(grads[0]), torch.isfinite(grads[1]))
+    finally:
+        crossent.set_checks(prev)
+
+
+@pytest.mark.parametrize("impl", ["torch", "chunked"])
+def test_p03_linear_float64_is_left_alone_by_autocast(impl):
+    h = torch.randn(2, 3, dtype=torch.float64)
+    W = torch.randn(5, 3, dtype=torch.float64)
+    y = torch.tensor([0, 4])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = F.cross_entropy(F.linear(h, W), y)
+        got = crossent.linear_cross_entropy(h, W, y, impl=impl)
+    assert got.dtype == ref.dtype == torch.float64
+    assert torch.allclose(got, ref, rtol=1e-12)
+
+
+def test_p07_linear_hidden_size_zero_like_torch():
+    got = crossent.linear_cross_entropy(torch.randn(3, 0), torch.randn(5, 0), torch.tensor([0, 1, 2]))
+    assert torch.allclose(got, F.cross_entropy(torch.zeros(3, 5), torch.tensor([0, 1, 2])))
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: crossent.linear_cross_entropy(torch.tensor(1.0), torch.randn(3, 1), torch.tensor(0)), "0-dim"),
+    (lambda: crossent.set_checks("false"), "True or False"),
+    (lambda: crossent.CrossEntropyLoss(ignore_index=1.5), "ignore_index"),
+    (lambda: crossent.LinearCrossEntropyLoss(shift=-1), "shift"),
+    (lambda: crossent.CrossEntropyLoss(impl="foo"), "impl"),
+])
+def test_p09_clear_errors_at_the_right_time(call, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        call()
+
+
+def test_p10_arguments_torch_takes():
+    x, t = torch.randn(3, 4), torch.tensor([1, 2, 3])
+    assert torch.allclose(crossent.cross_entropy(x, t, label_smoothing=True),
+                          F.cross_entropy(x, t, label_smoothing=True))
+    with pytest.warns(DeprecationWarning):
+        assert torch.allclose(crossent.cross_entropy(x, t, reduction="elementwise_mean"), F.cross_entropy(x, t))
+    xb = torch.randn(2, 3, 4)
+    tb = torch.randint(0, 4, (2, 3))
+    assert torch.allclose(crossent.cross_entropy(xb, tb, dim=np.int64(-1)), F.cross_entropy(xb.transpose(1, 2), tb))
+    h, W, lab = torch.randn(2, 5, 8), torch.randn(11, 8), torch.randint(0, 11, (2, 5))
+    assert torch.allclose(crossent.linear_cross_entropy(h, W, lab, shift=np.int64(2), chunk_size=np.int64(3)),
+                          crossent.linear_cross_entropy(h, W, lab, shift=2))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_p11_sparse_values_promote_like_dense_probabilities(impl):
+    x = torch.randn(2, 3)
+    st = crossent.SparseTarget(torch.tensor([[0, 1], [2, 2]]), torch.tensor([[0.5, 0.5], [0.3, 0.7]], dtype=torch.float64))
+    got = crossent.cross_entropy(x, st, impl=impl)
+    ref = F.cross_entropy(x.double(), st.to_dense(3))
+    assert got.dtype == torch.float64
+    assert torch.allclose(got, ref, rtol=1e-12 if impl != "triton" else 1e-6)
+
+
+def test_p12_reference_soft_target_gradient_at_zero_mass_like_torch():
+    x = torch.tensor([[1.0, 2.0, 3.0], [0.5, -1.0, 2.0]], dtype=torch.float64)
+    q = torch.tensor([[0.0, 0.5, 0.5], [0.2, 0.3, 0.5]], dtype=torch.float64)
+    grads = []
+    for f in (lambda x, q: crossent.cross_entropy(x, q, impl="torch"), F.cross_entropy):
+        qq = q.clone().requires_grad_()
+        grads.append(torch.autograd.grad(f(x, qq), qq)[0])
+    assert torch.allclose(grads[0], grads[1], rtol=1e-12)

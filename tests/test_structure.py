@@ -29,7 +29,7 @@ def test_options_are_frozen_and_normalised():
 @pytest.mark.parametrize("kw, match", [
     (dict(label_smoothing=1.5), "label_smoothing"),
     (dict(label_smoothing=torch.ones(2)), "label_smoothing"),
-    (dict(label_smoothing=True), "label_smoothing"),
+    (dict(label_smoothing="0.1"), "label_smoothing"),
     (dict(z_loss=float("nan")), "z_loss"),
     (dict(softcap=0), "softcap"),
     (dict(reduction="avg"), "reduction"),

@@ -151,9 +151,10 @@ def cross_entropy(input: Tensor, target, weight: Optional[Tensor] = None, ignore
         red = plan_reduction(tgt, opts, acc_dtype(input.dtype), input.device, pos_shape, out_dtype)
         if r.fused:
             call = FusedCall(r.module, tgt, opts, red, shape3, cdim, torch.is_grad_enabled())
-            version = input._version
+            watch = opts.inplace_backward and not torch.compiler.is_compiling()  # traced: nothing in place
+            version = input._version if watch else 0
             loss, lse, z, pred = fused_cross_entropy(input, call)
-            if opts.inplace_backward and input._version != version and not torch.compiler.is_compiling():
+            if watch and input._version != version:
                 mark_overwritten(input)  # a later crossent call on these "logits" raises
         else:
             terms = reference.cross_entropy(input.reshape(shape3), tgt, opts, red)
