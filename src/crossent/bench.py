@@ -95,13 +95,35 @@ def _make_step(impl: str, kind: str, N: int, V: int, dtype: torch.dtype, device:
     else:
         raise ValueError(f"unknown impl {impl!r}")
 
-    def reset():
-        if inplace:
-            with torch.no_grad():
-                x.copy_(x0)  # the previous step wrote its gradient over the logits
-        x.grad = None
+    if not inplace:
+        def reset():
+            x.grad = None
 
-    return (lambda: fn(x, target)), reset, (x, x0, target)
+        return (lambda: fn(x, target)), reset, (x, x0, target)
+
+    # inplace_backward writes over the logits, which must be an operation's output (as a model's
+    # are), not a leaf: a layer that hands out the refilled buffer and drops its gradient stands in
+    anchor = torch.zeros(1, requires_grad=True)
+    held = {}
+
+    def reset():
+        with torch.no_grad():
+            x.copy_(x0)  # the previous step wrote its gradient over the logits
+        held["logits"] = _ModelOutput.apply(anchor, x.detach())
+
+    return (lambda: fn(held["logits"], target)), reset, (x, x0, target)
+
+
+class _ModelOutput(torch.autograd.Function):
+    """The logits as the output of an operation (for inplace_backward); its backward ends there."""
+
+    @staticmethod
+    def forward(ctx, anchor, logits):
+        return logits
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, None
 
 
 def _make_linear_step(impl: str, N: int, H: int, V: int, dtype: torch.dtype, device: str):
