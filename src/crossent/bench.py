@@ -61,7 +61,7 @@ def machine() -> str:
                         break
         except OSError:
             pass
-        dev = f"{model}, {os.cpu_count()} cores"
+        dev = f"{model}, {os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}"
     return f"{dev}; torch {torch.__version__}; python {platform.python_version()}"
 
 

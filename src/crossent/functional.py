@@ -77,7 +77,9 @@ def cross_entropy(input: Tensor, target, weight: Optional[Tensor] = None, ignore
             of the input's shape; or a :class:`SparseTarget`.
         weight (Tensor, optional): class weights ``(C,)``. Default: ``None``.
         ignore_index (int, optional): class index to skip (padding in a
-            :class:`SparseTarget`). Not allowed with probabilities. Default: -100.
+            :class:`SparseTarget`); a NumPy integer or 0-dim tensor works too.
+            With probabilities, as in PyTorch, a negative value is unused and
+            a class index (>= 0) is refused. Default: -100.
         reduction (str, optional): ``"none"`` | ``"mean"`` | ``"sum"``. Default: ``"mean"``.
         label_smoothing (float, optional): :math:`\varepsilon` in [0, 1]. Default: 0.0.
         dim (int, optional): the class dim; ``dim=-1`` takes ``[B, T, V]``
@@ -94,15 +96,23 @@ def cross_entropy(input: Tensor, target, weight: Optional[Tensor] = None, ignore
             ``"triton"``. Default: ``"auto"`` (triton on CUDA, else chunked).
         inplace_backward (bool, optional): write the gradient over ``input``'s
             storage during the forward (no extra ``[N, C]`` memory). The logits'
-            values are lost; anything else that saved them fails loudly at its
-            backward. Fused impls only. Default: ``False``.
+            values are lost: anything that saved them fails loudly at its
+            backward, a later crossent call on them raises, and (unless they
+            are a view) so does any later use that needs their gradient.
+            Refused for a leaf that requires grad (a parameter) or a view of
+            one, and for self-overlapping memory (``expand``). Fused impls
+            only. Default: ``False``.
         process_group (ProcessGroup, optional): vocab-parallel mode (the
             input holds this rank's shard of the classes). Default: ``None``.
         return_extras (bool, optional): also return a dict with per-position
             ``lse``, ``z_loss`` and ``predicted`` class (detached). Default: ``False``.
 
     Value checks on targets sync with the device on CUDA: see
-    :func:`crossent.set_checks`.
+    :func:`crossent.set_checks` and ``with crossent.checks(False):``.
+
+    dtypes: like PyTorch, float32 logits with float64 probabilities compute
+    and return float64, and under :func:`torch.autocast` the loss of 16-bit
+    logits is float32 (the gradient keeps the logits' dtype).
 
     Shape:
         - Input: :math:`(N, C)`, :math:`(C)` or :math:`(N, C, d_1, ..., d_K)`
@@ -241,10 +251,11 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target, linear_bi
         linear_bias (Tensor, optional): ``[V]``. Default: ``None``.
         weight, ignore_index, reduction, label_smoothing, target_format,
         z_loss, softcap, num_items, return_extras: as in :func:`crossent.cross_entropy`.
-        shift (bool, optional): causal language modelling: position ``t``
-            predicts label ``t + 1`` along the sequence dim (``input``'s dim -2,
-            ``target``'s last position dim); the last position of each sequence
-            is dropped, the hidden states are not copied. Default: ``False``.
+        shift (bool or int, optional): causal language modelling: position
+            ``t`` predicts label ``t + shift`` (``True``: 1) along the sequence
+            dim (``input``'s dim -2, ``target``'s last position dim); the last
+            ``shift`` positions of each sequence are dropped, the hidden states
+            are not copied. Default: ``False``.
         impl (str, optional): ``"auto"`` | ``"torch"`` (materialises the logits:
             the reference) | ``"chunked"`` | ``"triton"`` (tiled kernels in the
             style of Cut Cross-Entropy). Default: ``"auto"`` (triton on CUDA,
@@ -260,11 +271,23 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target, linear_bi
             (row block, vocab tile) pairs whose logit gradient is below this
             everywhere (an approximation that saves time when the softmax is
             peaked). Default: ``None`` (exact).
+        options (torch.nn.LinearCrossEntropyOptions, optional): accepted for
+            compatibility with :func:`torch.nn.functional.linear_cross_entropy`;
+            its ``batch_chunk_size`` is honoured as ``chunk_size``, its other
+            fields choose among PyTorch's own strategies and do not apply.
+            Default: ``None``.
+
+    A drop-in for :func:`torch.nn.functional.linear_cross_entropy` too:
+    ``ignore_index=None`` means -100, and a K-dimensional ``linear_weight``
+    ``(C, d_1, ..., d_K, H)`` with input ``(N, H)`` gives PyTorch's result
+    (logits ``(N, C, d_1, ..., d_K)``, classes at dim 1; those logits are
+    built, as PyTorch's reference path builds them). Inputs of more than two
+    dims, which PyTorch refuses, are positions with classes last.
 
     Shape:
         - input: :math:`(*, H)`; linear_weight: :math:`(V, H)`; linear_bias: :math:`(V)`.
         - target: :math:`(*)` indices, :math:`(*, k)` SparseTarget, :math:`(*, V)` probabilities.
-        - output: scalar, or :math:`(*)` with ``reduction="none"`` (:math:`(*, T-1)` with ``shift``).
+        - output: scalar, or :math:`(*)` with ``reduction="none"`` (:math:`(*, T - k)` with ``shift=k``).
 
     Example::
 
