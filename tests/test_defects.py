@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import crossent
 from crossent import SparseTarget
-from oracle import EXACT_DTYPE, RTOL, assert_close, err, loss_and_grad
+from oracle import EXACT_DTYPE, assert_close, err, loss_and_grad
 
 IMPLS = ["torch", "chunked", "triton"]
 FUSED = ["chunked", "triton"]

@@ -8,23 +8,17 @@ from __future__ import annotations
 
 import contextlib
 import math
-import operator
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-try:
-    from numpy import bool_ as np_bool
-except ImportError:  # numpy is optional
-    np_bool = bool
-
 from .impl import reference
 from .impl.common import acc_dtype
-from .impl.registry import Resolved, check_supported, resolve
+from .impl.registry import check_supported, resolve
 from .ops import (FusedCall, LinearCall, check_inplace, check_not_overwritten, fused_cross_entropy,
                   fused_linear_cross_entropy, mark_overwritten)
-from .options import Options, check_target_format, make_options
+from .options import Options, check_shift, check_target_format, make_options
 from .reduction import plan_reduction
 from .targets import ProbsTarget, SparseTarget, Target, TopKTarget, _fmt, check_after, class_dim, normalize_target
 
@@ -311,7 +305,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target, linear_bi
                         chunk_size=_chunk_size(chunk_size, options), filter_eps=filter_eps,
                         ignore_index_none_ok=True)
     _no_process_group(process_group)
-    pos_shape, target, row_ids = _linear_positions(input, target, V, _check_shift(shift))
+    pos_shape, target, row_ids = _linear_positions(input, target, V, check_shift(shift))
     tgt = normalize_target(target, _Logits(pos_shape + (V,), input.device), len(pos_shape),
                            check_target_format(target_format), opts.ignore_index)
     x, lw, lb = _linear_promoted(input, linear_weight, linear_bias, tgt)
@@ -440,20 +434,6 @@ def _check_linear_target(input: Tensor, target, V: int, shift: int) -> None:
                      f"must be class indices {_fmt(pos)}, one-hot or probabilities {_fmt(pos + (V,))} or a SparseTarget "
                      f"{sparse}; got {_fmt(got)}" + (" (with shift, the target covers every position before "
                                                        "shifting)" if shift else "") + hint)
-
-
-def _check_shift(shift) -> int:
-    """``shift``: False/0 (none), True/1 (next token), or a number of positions k >= 0."""
-    if isinstance(shift, (bool, np_bool)):
-        return int(shift)
-    try:
-        k = operator.index(shift)
-    except TypeError:
-        k = -1
-    if k < 0:
-        raise ValueError(f"shift={shift!r} must be True/False or a number of positions >= 0 "
-                         "(position t predicts the label at t + shift)")
-    return k
 
 
 def _linear_positions(input: Tensor, target, V: int, shift: int):

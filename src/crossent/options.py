@@ -25,6 +25,11 @@ from torch import Tensor
 
 from .config import CONFIG
 
+try:
+    from numpy import bool_ as np_bool
+except ImportError:  # numpy is optional
+    np_bool = bool
+
 __all__ = ["Options", "make_options", "REDUCTIONS", "TARGET_FORMATS"]
 
 REDUCTIONS = ("none", "mean", "sum")
@@ -185,6 +190,20 @@ def check_filter_eps(value) -> Optional[float]:
     if not eps >= 0:
         raise ValueError(f"filter_eps={value!r} must be a number >= 0, or None for the exact backward")
     return eps
+
+
+def check_shift(shift) -> int:
+    """``shift``: False/0 (none), True/1 (next token), or a number of positions k >= 0."""
+    if isinstance(shift, (bool, np_bool)):
+        return int(shift)
+    try:
+        k = operator.index(shift)
+    except TypeError:
+        k = -1
+    if k < 0:
+        raise ValueError(f"shift={shift!r} must be True/False or a number of positions >= 0 "
+                         "(position t predicts the label at t + shift)")
+    return k
 
 
 def make_options(*, classes: int, device: torch.device, weight=None, ignore_index=-100, reduction="mean",
