@@ -8,6 +8,7 @@ from typing import Iterator, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .options import check_ignore_index
 from .targets import SparseTarget, _fmt, _position, class_dim, normalize_target
 
 __all__ = ["diagnose"]
@@ -85,8 +86,10 @@ def _diagnose(input, target, weight, ignore_index, dim, target_format) -> List[s
         return [f"input {_fmt(shape)} has 0 classes at dim {cdim}: there is nothing to classify"]
 
     findings: List[str] = []
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        findings.append(f"ignore_index must be an int, got {type(ignore_index).__name__} {ignore_index!r}")
+    try:
+        ignore_index = check_ignore_index(ignore_index)  # NumPy integers and 0-dim tensors, as cross_entropy
+    except TypeError as e:
+        findings.append(str(e))
         ignore_index = -100  # read the rest of the call with the default
     bad_weight = _weight_problem(weight, C, input.device)
     if bad_weight is not None:
@@ -107,29 +110,9 @@ def _diagnose(input, target, weight, ignore_index, dim, target_format) -> List[s
 
     findings += _input_findings(input, cdim, C)
 
-    if len(shape) >= 3 and cdim == 1 and shape[1] < shape[-1] and isinstance(target, Tensor) \
-            and target.shape == torch.Size(shape[:1] + shape[2:]) and not target.dtype.is_floating_point \
-            and target.dtype != torch.bool and target.numel() and int(target.max()) >= shape[1] \
-            and int(target.max()) < shape[-1]:
-        findings.append(
-            f"input is {_fmt(shape)} with classes at dim 1 ({shape[1]} classes) but targets reach "
-            f"{int(target.max())}: if the last dim ({shape[-1]}) holds the classes, pass dim=-1")
-
+    findings += _class_dim_hint(shape, cdim, target)
     if fmt == "index":
-        t = target.detach().reshape(-1).long()
-        valid = t != ignore_index
-        neg = valid & (t < 0)
-        if bool(neg.any()):
-            v = int(t[neg][0])
-            findings.append(
-                f"target holds {v} at {int(neg.sum())} positions but ignore_index is {ignore_index}: "
-                f"if {v} marks padding, pass ignore_index={v}")
-        over = valid & (t >= C)
-        if bool(over.any()) and not rejected:
-            findings.append(
-                f"target holds labels up to {int(t[over].max())} but the input has only {C} classes "
-                f"(valid labels 0..{C - 1}): check the model's output size or the label encoding")
-        findings += _label_findings(t, C, ignore_index, good_weight, "index")
+        findings += _index_findings(target.detach().reshape(-1).long(), C, ignore_index, good_weight, rejected)
     elif fmt == "one_hot":
         labels, problem = _one_hot_labels(target.detach(), cdim, C, pos_shape, ignore_index)
         if problem is not None:
@@ -141,6 +124,32 @@ def _diagnose(input, target, weight, ignore_index, dim, target_format) -> List[s
     elif fmt == "sparse":
         findings += _sparse_findings(target, C, ignore_index, rejected)
     return findings
+
+
+def _class_dim_hint(shape: torch.Size, cdim: int, target) -> List[str]:
+    """Labels beyond the class dim's size but within the last dim's: the classes are probably last."""
+    if len(shape) >= 3 and cdim == 1 and shape[1] < shape[-1] and isinstance(target, Tensor) \
+            and target.shape == torch.Size(shape[:1] + shape[2:]) and not target.dtype.is_floating_point \
+            and target.dtype != torch.bool and target.numel() and shape[1] <= int(target.max()) < shape[-1]:
+        return [f"input is {_fmt(shape)} with classes at dim 1 ({shape[1]} classes) but targets reach "
+                f"{int(target.max())}: if the last dim ({shape[-1]}) holds the classes, pass dim=-1"]
+    return []
+
+
+def _index_findings(t: Tensor, C: int, ignore_index: int, weight: Optional[Tensor], rejected: bool) -> List[str]:
+    """Class indices: padding under another value, labels past C, and the label distribution."""
+    findings = []
+    valid = t != ignore_index
+    neg = valid & (t < 0)
+    if bool(neg.any()):
+        v = int(t[neg][0])
+        findings.append(f"target holds {v} at {int(neg.sum())} positions but ignore_index is {ignore_index}: "
+                        f"if {v} marks padding, pass ignore_index={v}")
+    over = valid & (t >= C)
+    if bool(over.any()) and not rejected:
+        findings.append(f"target holds labels up to {int(t[over].max())} but the input has only {C} classes "
+                        f"(valid labels 0..{C - 1}): check the model's output size or the label encoding")
+    return findings + _label_findings(t, C, ignore_index, weight, "index")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

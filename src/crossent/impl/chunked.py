@@ -338,7 +338,7 @@ def linear_cross_entropy(x2: Tensor, row_ids: Optional[Tensor], linear_weight: T
         r1 = min(M, r0 + n)
         ids = None if row_ids is None else row_ids[r0:r1]
         xc = x2[r0:r1] if ids is None else x2.index_select(0, ids)
-        lo = logits = l3 = dl = None  # drop the last chunk's logits before making the next
+        lo = logits = l3 = None  # drop the last chunk's logits before making the next
         lo = linear(xc, linear_weight, linear_bias, out=None if buf is None else buf[: r1 - r0])
         logits = lo if lo.dtype == acc else lo.to(acc)
         l3 = logits.unsqueeze(2)
@@ -349,24 +349,8 @@ def linear_cross_entropy(x2: Tensor, row_ids: Optional[Tensor], linear_weight: T
             z[r0:r1] = t.z
         if pred is not None:
             pred[r0:r1] = t.predicted
-        if not need_grad:
-            continue
-        dl = logits  # now the gradient of the chunk's logits
-        if row_scale is not None:
-            dl.mul_(row_scale[r0:r1].to(acc).unsqueeze(1))
-        if db is not None:
-            db += dl.sum(0)
-        if dw is not None:
-            if r0 == 0:
-                torch.mm(dl.t(), xc.to(acc), out=dw)
-            else:
-                dw.addmm_(dl.t(), xc.to(acc))
-        if dx is not None:
-            dxc = linear(dl.to(linear_weight.dtype), linear_weight.t())
-            if ids is None:
-                dx[r0:r1] = dxc
-            else:
-                dx.index_copy_(0, ids, dxc.to(dx.dtype))
+        if need_grad:  # the chunk's logits now hold their gradient
+            _add_chunk_grads(logits, xc, linear_weight, ids, r0, r1, row_scale, dx, dw, db)
     if dw is not None:
         if M == 0:
             dw.zero_()
@@ -374,3 +358,26 @@ def linear_cross_entropy(x2: Tensor, row_ids: Optional[Tensor], linear_weight: T
     if db is not None:
         db = db.to(linear_bias.dtype if linear_bias is not None else linear_weight.dtype)
     return LinearResult(RowTerms(ce, z, lse, pred), dx, dw, db)
+
+
+def _add_chunk_grads(dl: Tensor, xc: Tensor, linear_weight: Tensor, ids: Optional[Tensor], r0: int, r1: int,
+                     row_scale: Optional[Tensor], dx: Optional[Tensor], dw: Optional[Tensor],
+                     db: Optional[Tensor]) -> None:
+    """Add one chunk's share of the gradients, from ``dl``, its logits' gradient (scaled in place by
+    ``row_scale`` when given): the first chunk writes ``dw``, the others add to it."""
+    acc = dl.dtype
+    if row_scale is not None:
+        dl.mul_(row_scale[r0:r1].to(acc).unsqueeze(1))
+    if db is not None:
+        db += dl.sum(0)
+    if dw is not None:
+        if r0 == 0:
+            torch.mm(dl.t(), xc.to(acc), out=dw)
+        else:
+            dw.addmm_(dl.t(), xc.to(acc))
+    if dx is not None:
+        dxc = linear(dl.to(linear_weight.dtype), linear_weight.t())
+        if ids is None:
+            dx[r0:r1] = dxc
+        else:
+            dx.index_copy_(0, ids, dxc.to(dx.dtype))

@@ -8,6 +8,7 @@ never hold more than a tile of logits. Blocks are autotuned on a GPU (knobs
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
@@ -90,78 +91,144 @@ def _targets(tgt: Target, w: Optional[Tensor], ls: float, V: int, dummy: Tensor)
     return dummy.reshape(1, 1), cols.contiguous(), vals.contiguous(), rv, cols.shape[1], cols.shape[0]
 
 
+@dataclass
+class _Call:
+    """What the three launches of one call share: inputs, target view, flags and blocks."""
+
+    x2: Tensor
+    rid: Tensor
+    wv: Tensor
+    bias: Optional[Tensor]
+    cw: Optional[Tensor]
+    dummy: Tensor
+    prob: Tensor
+    idx: Tensor
+    vals: Tensor
+    rv: Optional[Tensor]
+    K: int
+    M: int
+    opts: Options
+    tuned: bool
+    blocks: dict  # BM, BV, BK where not autotuned
+    dots: dict  # PREC, F32DOT
+    flags: dict  # the HAS_* / IS_PROBS constexprs
+
+    @property
+    def V(self) -> int:
+        return self.wv.shape[0]
+
+    @property
+    def H(self) -> int:
+        return self.wv.shape[1]
+
+    def ptr(self, t: Optional[Tensor]) -> Tensor:
+        return self.dummy if t is None else t
+
+    @property
+    def cap(self) -> float:
+        return float(self.opts.softcap) if self.opts.softcap is not None else 1.0
+
+
 def linear_cross_entropy(x2: Tensor, row_ids: Optional[Tensor], linear_weight: Tensor, linear_bias: Optional[Tensor],
                          tgt: Target, opts: Options, red: Reduction, want_grads: Tuple[bool, bool, bool],
                          row_scale: Optional[Tensor] = None) -> LinearResult:
     """Same contract as :func:`crossent.impl.chunked.linear_cross_entropy`."""
-    import triton
-
-    f32, dev = torch.float32, x2.device
-    V, H = linear_weight.shape
-    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
-    wv = linear_weight if linear_weight.stride(-1) == 1 else linear_weight.contiguous()
-    bias = linear_bias
-    ls, z_loss, want_pred = opts.label_smoothing, opts.z_loss, opts.return_extras
-    cw = opts.class_weight(f32)
-    cw = None if cw is None else cw.contiguous()
-    dummy = torch.zeros(1, dtype=f32, device=dev)
-    prob, idx, vals, rv, K, M = _targets(tgt, cw, ls, V, dummy)
-    mx, logs, ce, mass = (torch.empty(M, dtype=f32, device=dev) for _ in range(4))
-    z = torch.empty(M, dtype=f32, device=dev) if z_loss else None
-    pred = torch.empty(M, dtype=torch.long, device=dev) if want_pred else None
-    need_dx, need_dw, need_db = want_grads
-    if M == 0:
-        return LinearResult(RowTerms(ce, z, mx, pred), torch.zeros_like(x2) if need_dx else None,
-                            torch.zeros_like(linear_weight) if need_dw else None,
-                            torch.zeros_like(bias) if need_db else None)
-    rid = row_ids if row_ids is not None else dummy
-    fwd, fin, bwd, tuned = _kernels()
-    bm_max, bv_max, bk_max = CONFIG.triton_linear_blocks
-    bm, bv, bk = _pow2(M, hi=bm_max), _pow2(V, hi=bv_max), _pow2(H, hi=bk_max)
-    # autotuned launches choose the blocks themselves; the interpreter gets sizes fitted to the problem
-    blocks = {} if tuned else dict(BM=bm, BV=bv, BK=bk)
-    # the interpreter's tl.dot misreads 16-bit floats: it runs those dots in float32
-    dots = dict(PREC="ieee" if x2.dtype == f32 else "tf32", F32DOT=triton_interpreted() and x2.element_size() < 4)
-    flags = dict(IS_PROBS=isinstance(tgt, ProbsTarget), HAS_RID=row_ids is not None, HAS_B=bias is not None,
-                 HAS_CW=cw is not None, HAS_LS=ls > 0, HAS_CAP=opts.softcap is not None)
-    cap = float(opts.softcap) if opts.softcap is not None else 1.0
-    split_v = _split_width(M, V, dev, CONFIG.triton_split_grain if tuned else bv)
-    S = triton.cdiv(V, split_v)
-    pm, ps = (torch.empty((S, M), dtype=f32, device=dev) for _ in range(2))
-    pd, pt = (torch.empty((S, M), dtype=f32, device=dev) for _ in range(2)) \
-        if flags["IS_PROBS"] or ls > 0 else (dummy, dummy)
-    pb, pbi = (torch.empty((S, M), dtype=f32, device=dev), torch.empty((S, M), dtype=torch.long, device=dev)) \
-        if want_pred else (dummy, dummy)
-    fwd[lambda meta: (triton.cdiv(M, meta["BM"]), S)](
-        x2, x2.stride(0), rid, wv, wv.stride(0), bias if bias is not None else dummy,
-        prob, prob.stride(0), prob.stride(1), cw if cw is not None else dummy,
-        pm, ps, pd, pt, pb, pbi, M, V, H, split_v, ls, cap, _pow2(M),
-        WANT_PRED=want_pred, **dots, **flags, **blocks)
-    # the flags of the kernels that form the loss terms (finish) and their gradient (backward)
-    flags.update(HAS_RV=rv is not None, HAS_Z=bool(z_loss), KP=_pow2(K, lo=1))
-    fin[(triton.cdiv(M, FIN_BM),)](
-        x2, x2.stride(0), rid, wv, wv.stride(0), bias if bias is not None else dummy,
-        pm, ps, pd, pt, pb, pbi, S, idx, vals, K, rv if rv is not None else dummy,
-        cw.sum().reshape(1) if cw is not None else dummy,
-        mx, logs, ce, z if z is not None else dummy, pred if pred is not None else dummy, mass,
-        M, V, H, ls, cap, float(z_loss), WANT_PRED=want_pred, BM=FIN_BM, BK=bk, **flags)
+    c = _prepare(x2, row_ids, linear_weight, linear_bias, tgt, opts)
+    if c.M == 0:
+        ce = torch.empty(0, dtype=torch.float32, device=x2.device)
+        return LinearResult(RowTerms(ce, ce if opts.z_loss else None, ce,
+                                     ce.long() if opts.return_extras else None),
+                            torch.zeros_like(x2) if want_grads[0] else None,
+                            torch.zeros_like(linear_weight) if want_grads[1] else None,
+                            torch.zeros_like(linear_bias) if want_grads[2] else None)
+    mx, logs, ce, z, pred, mass = _forward(c)
     lse = torch.where(torch.isinf(mx), mx, mx + logs)
     dx = dw = db = None
     if any(want_grads):
-        dx = torch.zeros(x2.shape, dtype=f32, device=dev) if need_dx else dummy
-        dw = torch.zeros((V, H), dtype=f32, device=dev) if need_dw else dummy
-        db = torch.zeros(V, dtype=f32, device=dev) if need_db else dummy
-        bwd[lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(V, meta["BV"]))](
-            x2, x2.stride(0), rid, wv, wv.stride(0), bias if bias is not None else dummy,
-            prob, prob.stride(0), prob.stride(1),
-            idx, vals, K, rv if rv is not None else dummy,
-            cw if cw is not None else dummy, mx, logs, mass,
-            row_scale.to(f32).contiguous() if row_scale is not None else dummy,
-            red.ce_scale.to(f32).reshape(1), red.z_scale.to(f32).reshape(1),
-            dx, dw, db, M, V, H, ls, cap, float(z_loss), float(opts.filter_eps or 0.0), _pow2(M),
-            HAS_RS=row_scale is not None, NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db,
-            FILTER=opts.filter_eps is not None, EMULATE_RTNE=triton_interpreted() and x2.dtype == torch.bfloat16, **dots, **flags, **blocks)
-        dx = dx.to(x2.dtype) if need_dx else None
-        dw = dw.to(linear_weight.dtype) if need_dw else None
-        db = db.to(bias.dtype) if need_db else None
+        dx, dw, db = _backward(c, mx, logs, mass, red, want_grads, row_scale)
+        dx = dx.to(x2.dtype) if want_grads[0] else None
+        dw = dw.to(linear_weight.dtype) if want_grads[1] else None
+        db = db.to(linear_bias.dtype) if want_grads[2] else None
     return LinearResult(RowTerms(ce, z, lse, pred), dx, dw, db)
+
+
+def _prepare(x2, row_ids, linear_weight, linear_bias, tgt: Target, opts: Options) -> _Call:
+    f32, dev = torch.float32, x2.device
+    V, H = linear_weight.shape
+    cw = opts.class_weight(f32)
+    cw = None if cw is None else cw.contiguous()
+    dummy = torch.zeros(1, dtype=f32, device=dev)
+    prob, idx, vals, rv, K, M = _targets(tgt, cw, opts.label_smoothing, V, dummy)
+    _, _, _, tuned = _kernels()
+    bm_max, bv_max, bk_max = CONFIG.triton_linear_blocks
+    return _Call(
+        x2=x2 if x2.stride(-1) == 1 else x2.contiguous(), rid=row_ids if row_ids is not None else dummy,
+        wv=linear_weight if linear_weight.stride(-1) == 1 else linear_weight.contiguous(), bias=linear_bias,
+        cw=cw, dummy=dummy, prob=prob, idx=idx, vals=vals, rv=rv, K=K, M=M, opts=opts, tuned=tuned,
+        # autotuned launches choose the blocks themselves; the interpreter gets sizes fitted to the problem
+        blocks={} if tuned else dict(BM=_pow2(M, hi=bm_max), BV=_pow2(V, hi=bv_max), BK=_pow2(H, hi=bk_max)),
+        # the interpreter's tl.dot misreads 16-bit floats: it runs those dots in float32
+        dots=dict(PREC="ieee" if x2.dtype == f32 else "tf32", F32DOT=triton_interpreted() and x2.element_size() < 4),
+        flags=dict(IS_PROBS=isinstance(tgt, ProbsTarget), HAS_RID=row_ids is not None, HAS_B=linear_bias is not None,
+                   HAS_CW=cw is not None, HAS_LS=opts.label_smoothing > 0, HAS_CAP=opts.softcap is not None))
+
+
+def _forward(c: _Call):
+    """Per-split online statistics (forward kernel), merged into the loss terms (finish kernel)."""
+    import triton
+
+    fwd, fin, _, _ = _kernels()
+    f32, dev, M, V, H = torch.float32, c.x2.device, c.M, c.V, c.H
+    ls, want_pred = c.opts.label_smoothing, c.opts.return_extras
+    split_v = _split_width(M, V, dev, CONFIG.triton_split_grain if c.tuned else c.blocks["BV"])
+    S = triton.cdiv(V, split_v)
+    pm, ps = (torch.empty((S, M), dtype=f32, device=dev) for _ in range(2))
+    pd, pt = (torch.empty((S, M), dtype=f32, device=dev) for _ in range(2)) \
+        if c.flags["IS_PROBS"] or ls > 0 else (c.dummy, c.dummy)
+    pb, pbi = (torch.empty((S, M), dtype=f32, device=dev), torch.empty((S, M), dtype=torch.long, device=dev)) \
+        if want_pred else (c.dummy, c.dummy)
+    fwd[lambda meta: (triton.cdiv(M, meta["BM"]), S)](
+        c.x2, c.x2.stride(0), c.rid, c.wv, c.wv.stride(0), c.ptr(c.bias),
+        c.prob, c.prob.stride(0), c.prob.stride(1), c.ptr(c.cw),
+        pm, ps, pd, pt, pb, pbi, M, V, H, split_v, ls, c.cap, _pow2(M),
+        WANT_PRED=want_pred, **c.dots, **c.flags, **c.blocks)
+    mx, logs, ce, mass = (torch.empty(M, dtype=f32, device=dev) for _ in range(4))
+    z = torch.empty(M, dtype=f32, device=dev) if c.opts.z_loss else None
+    pred = torch.empty(M, dtype=torch.long, device=dev) if want_pred else None
+    fin[(triton.cdiv(M, FIN_BM),)](
+        c.x2, c.x2.stride(0), c.rid, c.wv, c.wv.stride(0), c.ptr(c.bias),
+        pm, ps, pd, pt, pb, pbi, S, c.idx, c.vals, c.K, c.ptr(c.rv),
+        c.cw.sum().reshape(1) if c.cw is not None else c.dummy,
+        mx, logs, ce, c.ptr(z), c.ptr(pred), mass,
+        M, V, H, ls, c.cap, float(c.opts.z_loss), WANT_PRED=want_pred, BM=FIN_BM,
+        BK=_pow2(H, hi=CONFIG.triton_linear_blocks[2]), **c.flags, **_loss_flags(c))
+    return mx, logs, ce, z, pred, mass
+
+
+def _loss_flags(c: _Call) -> dict:
+    """The flags of the kernels that form the loss terms (finish) and their gradient (backward)."""
+    return dict(HAS_RV=c.rv is not None, HAS_Z=bool(c.opts.z_loss), KP=_pow2(c.K, lo=1))
+
+
+def _backward(c: _Call, mx: Tensor, logs: Tensor, mass: Tensor, red: Reduction, want_grads, row_scale):
+    """The input, weight and bias gradients in float32 (atomics over row blocks x vocabulary tiles)."""
+    import triton
+
+    _, _, bwd, _ = _kernels()
+    f32, dev, M, V, H = torch.float32, c.x2.device, c.M, c.V, c.H
+    need_dx, need_dw, need_db = want_grads
+    dx = torch.zeros(c.x2.shape, dtype=f32, device=dev) if need_dx else c.dummy
+    dw = torch.zeros((V, H), dtype=f32, device=dev) if need_dw else c.dummy
+    db = torch.zeros(V, dtype=f32, device=dev) if need_db else c.dummy
+    eps = c.opts.filter_eps
+    bwd[lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(V, meta["BV"]))](
+        c.x2, c.x2.stride(0), c.rid, c.wv, c.wv.stride(0), c.ptr(c.bias),
+        c.prob, c.prob.stride(0), c.prob.stride(1),
+        c.idx, c.vals, c.K, c.ptr(c.rv), c.ptr(c.cw), mx, logs, mass,
+        row_scale.to(f32).contiguous() if row_scale is not None else c.dummy,
+        red.ce_scale.to(f32).reshape(1), red.z_scale.to(f32).reshape(1),
+        dx, dw, db, M, V, H, c.opts.label_smoothing, c.cap, float(c.opts.z_loss), float(eps or 0.0), _pow2(M),
+        HAS_RS=row_scale is not None, NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db, FILTER=eps is not None,
+        EMULATE_RTNE=triton_interpreted() and c.x2.dtype == torch.bfloat16,
+        **c.dots, **c.flags, **_loss_flags(c), **c.blocks)
+    return dx, dw, db
