@@ -13,7 +13,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .impl import reference
 from .impl.common import acc_dtype
 from .impl.registry import check_supported, resolve
 from .ops import (FusedCall, LinearCall, check_inplace, check_not_overwritten, fused_cross_entropy,
@@ -138,32 +137,37 @@ def cross_entropy(input: Tensor, target, weight: Optional[Tensor] = None, ignore
                         num_items=num_items, inplace_backward=inplace_backward, return_extras=return_extras)
     _no_process_group(process_group)
     tgt = normalize_target(target, input, cdim, check_target_format(target_format), opts.ignore_index)
-    original = input
+    _guard_logits(input, tgt, opts)
     input = _promoted(input, tgt)
     r = resolve(impl, input.device, input.dtype)
     check_supported(r, opts, tgt.requires_grad)
-    if not torch.compiler.is_compiling():  # traced: nothing is written in place
-        check_not_overwritten(original)
-    if opts.inplace_backward and not torch.compiler.is_compiling():
-        check_inplace(original)
-        if isinstance(tgt, ProbsTarget):
-            tgt.check_finite()  # before the logits are overwritten
     shape3 = (math.prod(input.shape[:cdim]), C, math.prod(input.shape[cdim + 1:]))
     pos_shape = torch.Size(input.shape[:cdim] + input.shape[cdim + 1:])
     autocast_off, out_dtype = _autocast_off(input)
     with autocast_off:
         red = plan_reduction(tgt, opts, acc_dtype(input.dtype), input.device, pos_shape, out_dtype)
         if r.fused:
-            call = FusedCall(r.module, tgt, opts, red, shape3, cdim, torch.is_grad_enabled())
             watch = opts.inplace_backward and not torch.compiler.is_compiling()  # traced: nothing in place
             version = input._version if watch else 0
-            loss, lse, z, pred = fused_cross_entropy(input, call)
+            loss, lse, z, pred = fused_cross_entropy(
+                input, FusedCall(r.module, tgt, opts, red, shape3, cdim, torch.is_grad_enabled()))
             if watch and input._version != version:
                 mark_overwritten(input)  # a later crossent call on these "logits" raises
-        else:
-            terms = reference.cross_entropy(input.reshape(shape3), tgt, opts, red)
+        else:  # the reference: autograd differentiates it
+            terms = r.module.cross_entropy(input.reshape(shape3), tgt, opts, red)
             loss, lse, z, pred = red.reduce(terms.ce, terms.z), terms.lse, terms.z, terms.predicted
     return _finish(loss, lse, z, pred, pos_shape, tgt, target, opts)
+
+
+def _guard_logits(input: Tensor, tgt: Target, opts: Options) -> None:
+    """Logits that an earlier ``inplace_backward`` overwrote, or that this one must not overwrite."""
+    if torch.compiler.is_compiling():  # traced: nothing is written in place
+        return
+    check_not_overwritten(input)
+    if opts.inplace_backward:
+        check_inplace(input)
+        if isinstance(tgt, ProbsTarget):
+            tgt.check_finite()  # before the logits are overwritten
 
 
 def _no_process_group(process_group) -> None:
@@ -319,7 +323,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target, linear_bi
             call = LinearCall(r.module, row_ids, tgt, opts, red, torch.is_grad_enabled())
             loss, lse, z, pred = fused_linear_cross_entropy(x2, lw, lb, call)
         else:
-            terms = reference.linear_cross_entropy(x2, row_ids, lw, lb, tgt, opts, red).terms
+            terms = r.module.linear_cross_entropy(x2, row_ids, lw, lb, tgt, opts, red, None).terms
             loss, lse, z, pred = red.reduce(terms.ce, terms.z), terms.lse, terms.z, terms.predicted
     return _finish(loss, lse, z, pred, pos_shape, tgt, target, opts)
 
