@@ -712,3 +712,73 @@ def test_p12_reference_soft_target_gradient_at_zero_mass_like_torch():
         qq = q.clone().requires_grad_()
         grads.append(torch.autograd.grad(f(x, qq), qq)[0])
     assert torch.allclose(grads[0], grads[1], rtol=1e-12)
+
+
+# --------------------------------------------------------------------------- found by a third hostile probe
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("bias", ["expanded", "strided"])
+def test_p13_non_contiguous_linear_bias(impl, bias):
+    g = torch.Generator().manual_seed(0)
+    x, W = torch.randn(2, 5, 8, generator=g), torch.randn(24, 8, generator=g) / 2
+    t = torch.randint(0, 24, (2, 5), generator=g)
+    b = torch.tensor([-1.3]).expand(24) if bias == "expanded" else torch.randn(48, generator=g)[::2]
+    ref = F.cross_entropy(F.linear(x, W, b).reshape(-1, 24), t.reshape(-1))
+    assert torch.allclose(crossent.linear_cross_entropy(x, W, t, b, impl=impl), ref, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_p14_lse_of_rows_holding_nan_is_nan_like_logsumexp(impl):
+    inf, nan = float("inf"), float("nan")
+    x = torch.tensor([[nan, inf, 0.0, 0.0], [-inf, nan, -inf, -inf], [nan, -inf, -inf, -inf], [inf, 0, 0, 0],
+                      [-inf, -inf, -inf, -inf], [1.0, 2, 3, 4]])
+    _, ex = crossent.cross_entropy(x, torch.tensor([0, 1, 2, 1, 0, 3]), reduction="none", impl=impl,
+                                   return_extras=True, z_loss=1e-3)
+    ref = torch.logsumexp(x, 1)
+    assert torch.equal(torch.isnan(ex["lse"]), torch.isnan(ref))
+    ok = ~torch.isnan(ref)
+    assert torch.allclose(ex["lse"][ok], ref[ok])
+    h = torch.randn(3, 4)
+    h[0, 1] = nan
+    _, ex = crossent.linear_cross_entropy(h, torch.randn(6, 4), torch.tensor([0, 1, 2]), impl=impl,
+                                          reduction="none", return_extras=True)
+    assert torch.isnan(ex["lse"][0]) and torch.isfinite(ex["lse"][1:]).all()
+
+
+def test_p15_diagnose_never_raises():
+    assert crossent.diagnose(torch.randn(0, 5), torch.zeros(0, 5, dtype=torch.long)) == []
+    assert crossent.diagnose(torch.randn(0, 5), torch.zeros(0, 5), target_format="one_hot") == []
+    found = crossent.diagnose(torch.randn(3, 4, device="meta"), torch.zeros(3, dtype=torch.long))
+    assert len(found) == 1 and "could not" in found[0]
+    assert any("1 class" in f for f in crossent.diagnose(torch.randn(4, 1), torch.zeros(4, dtype=torch.long)))
+    seg = crossent.diagnose(torch.randn(4, 3), torch.tensor([0, 255, 1, 255]))
+    assert any("ignore_index=255" in f for f in seg)
+
+
+def test_p16_torchscript_is_refused_clearly():
+    with pytest.raises(RuntimeError, match="TorchScript"):
+        torch.jit.trace(crossent.CrossEntropyLoss(), (torch.randn(4, 5), torch.randint(0, 5, (4,))))
+
+
+@pytest.mark.parametrize("kw, exc", [
+    (dict(chunk_size=2), ValueError), (dict(filter_eps=1e-3), ValueError), (dict(options="garbage"), TypeError),
+    (dict(chunk_size=-3), ValueError),
+])
+def test_p17_k_dim_linear_weight_validates_the_2d_options(kw, exc):
+    x, W, t = torch.randn(5, 4), torch.randn(6, 3, 4), torch.randint(0, 6, (5, 3))
+    with pytest.raises(exc):
+        crossent.linear_cross_entropy(x, W, t, **kw)
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda: crossent.LinearCrossEntropyLoss(chunk_size=0), ValueError, "chunk_size"),
+    (lambda: crossent.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), ignore_index=2**70), ValueError,
+     "ignore_index"),
+    (lambda: crossent.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]),
+                                    label_smoothing=torch.tensor(0.1, requires_grad=True)), TypeError, "label_smoothing"),
+    (lambda: crossent.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), num_items=True), ValueError, "num_items"),
+])
+def test_p18_argument_checks(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()

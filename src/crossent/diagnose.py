@@ -64,7 +64,11 @@ def diagnose(input: Tensor, target, weight: Optional[Tensor] = None, ignore_inde
         ['input rows are all in [0, 1] and sum to 1: this looks like softmax output ...']
     """
     with torch.no_grad():
-        return _diagnose(input, target, weight, ignore_index, dim, target_format)
+        try:
+            return _diagnose(input, target, weight, ignore_index, dim, target_format)
+        except Exception as e:  # noqa: BLE001 - diagnose reports, it never raises
+            return [f"diagnose could not read this call ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                    "check the inputs' devices and dtypes"]
 
 
 def _diagnose(input, target, weight, ignore_index, dim, target_format) -> List[str]:
@@ -86,6 +90,10 @@ def _diagnose(input, target, weight, ignore_index, dim, target_format) -> List[s
         return [f"input {_fmt(shape)} has 0 classes at dim {cdim}: there is nothing to classify"]
 
     findings: List[str] = []
+    if C == 1:
+        findings.append(f"input {_fmt(shape)} has 1 class at dim {cdim}: cross-entropy over a single class is always "
+                        "0 with no gradient; for a yes/no output use "
+                        "torch.nn.functional.binary_cross_entropy_with_logits, or check the class dim")
     try:
         ignore_index = check_ignore_index(ignore_index)  # NumPy integers and 0-dim tensors, as cross_entropy
     except TypeError as e:
@@ -147,8 +155,11 @@ def _index_findings(t: Tensor, C: int, ignore_index: int, weight: Optional[Tenso
                         f"if {v} marks padding, pass ignore_index={v}")
     over = valid & (t >= C)
     if bool(over.any()) and not rejected:
-        findings.append(f"target holds labels up to {int(t[over].max())} but the input has only {C} classes "
-                        f"(valid labels 0..{C - 1}): check the model's output size or the label encoding")
+        high = t[over]
+        hint = (f"; if {int(high[0])} marks padding (as 255 does in segmentation masks), pass "
+                f"ignore_index={int(high[0])}" if bool((high == high[0]).all()) else "")
+        findings.append(f"target holds labels up to {int(high.max())} but the input has only {C} classes "
+                        f"(valid labels 0..{C - 1}): check the model's output size or the label encoding" + hint)
     return findings + _label_findings(t, C, ignore_index, weight, "index")
 
 
@@ -327,7 +338,7 @@ def _label_findings(t: Tensor, C: int, ignore_index: int, weight: Optional[Tenso
         if lo < hi and 2 * m <= C:
             findings.append(
                 f"all {n} labels fall in 0..{m - 1} but the input has {C} classes: classes {m}..{C - 1} never occur "
-                f"in a batch of {n / C:.1f} labels per class; if the data has {m} classes, the model's output size "
+                f"in a batch of {n / C:.3g} labels per class; if the data has {m} classes, the model's output size "
                 f"(number of classes) is wrong, set it to {m}")
     return findings
 
@@ -352,8 +363,8 @@ def _one_hot_labels(target: Tensor, cdim: int, C: int, pos_shape: torch.Size,
         counts.append(torch.linalg.vector_norm(f, 0, -1))
         classes.append(f.argmax(-1))
         del c, f
-    if not bad_rows:
-        return None, None
+    if not bad_rows:  # no positions: no labels
+        return torch.empty(0, dtype=torch.long, device=target.device), None
     bad, count, cls = torch.cat(bad_rows), torch.cat(counts), torch.cat(classes)
     if bool(bad.any()):
         r = int(bad.nonzero()[0, 0])

@@ -17,7 +17,7 @@ from .impl.common import acc_dtype
 from .impl.registry import check_supported, resolve
 from .ops import (FusedCall, LinearCall, check_inplace, check_not_overwritten, fused_cross_entropy,
                   fused_linear_cross_entropy, mark_overwritten)
-from .options import Options, check_shift, check_target_format, make_options
+from .options import Options, check_chunk_size, check_shift, check_target_format, make_options
 from .reduction import plan_reduction
 from .targets import ProbsTarget, SparseTarget, Target, TopKTarget, _fmt, check_after, class_dim, normalize_target
 
@@ -124,6 +124,7 @@ def cross_entropy(input: Tensor, target, weight: Optional[Tensor] = None, ignore
         >>> torch.allclose(a, b)
         True
     """
+    _no_jit_trace()
     if not isinstance(input, Tensor):
         raise TypeError(f"input must be a tensor of logits, got {type(input).__name__}")
     if not input.dtype.is_floating_point:
@@ -168,6 +169,13 @@ def _guard_logits(input: Tensor, tgt: Target, opts: Options) -> None:
         check_inplace(input)
         if isinstance(tgt, ProbsTarget):
             tgt.check_finite()  # before the logits are overwritten
+
+
+def _no_jit_trace() -> None:
+    if torch.jit.is_tracing():
+        raise RuntimeError("crossent does not support TorchScript (torch.jit.trace / torch.jit.script): "
+                           "use torch.compile or torch.export, which it supports, or "
+                           "torch.nn.functional.cross_entropy inside TorchScript code")
 
 
 def _no_process_group(process_group) -> None:
@@ -296,7 +304,12 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target, linear_bi
         >>> loss = crossent.linear_cross_entropy(h, W, labels, shift=True)
         >>> loss.backward()
     """
+    _no_jit_trace()
+    chunk_size = check_chunk_size(_chunk_size(chunk_size, options))
     if isinstance(linear_weight, Tensor) and linear_weight.dim() > 2:
+        if filter_eps is not None or chunk_size is not None:
+            raise ValueError("chunk_size, filter_eps and options.batch_chunk_size apply to a [V, H] linear_weight; "
+                             f"a K-dimensional one {_fmt(linear_weight.shape)} builds its logits: leave them unset")
         return _linear_k_dim(input, linear_weight, target, linear_bias, shift=shift, weight=weight,
                              ignore_index=-100 if ignore_index is None else ignore_index, reduction=reduction,
                              label_smoothing=label_smoothing, target_format=target_format, z_loss=z_loss,
@@ -306,7 +319,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target, linear_bi
     opts = make_options(classes=V, device=input.device, weight=weight, ignore_index=ignore_index,
                         reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
                         num_items=num_items, return_extras=return_extras,
-                        chunk_size=_chunk_size(chunk_size, options), filter_eps=filter_eps,
+                        chunk_size=chunk_size, filter_eps=filter_eps,
                         ignore_index_none_ok=True)
     _no_process_group(process_group)
     pos_shape, target, row_ids = _linear_positions(input, target, V, check_shift(shift))
@@ -397,8 +410,8 @@ def _linear_promoted(input: Tensor, linear_weight: Tensor, linear_bias: Optional
         dtype = torch.get_autocast_dtype(dev)  # autocast leaves float64 alone
     else:
         dtype = _target_dtype(input.dtype, tgt)
-    cast = [None if t is None else (t if t.dtype == dtype else t.to(dtype)) for t in (input, linear_weight, linear_bias)]
-    return tuple(cast)
+    x, lw, lb = [None if t is None else (t if t.dtype == dtype else t.to(dtype)) for t in (input, linear_weight, linear_bias)]
+    return x, lw, None if lb is None else lb.contiguous()  # the fused impls read the bias as a dense [V]
 
 
 def _chunk_size(chunk_size: Optional[int], options) -> Optional[int]:

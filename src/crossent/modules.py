@@ -7,8 +7,8 @@ from typing import Optional
 from torch import Tensor, nn
 
 from .functional import cross_entropy, linear_cross_entropy
-from .options import (check_ignore_index, check_label_smoothing, check_reduction, check_shift, check_softcap,
-                      check_target_format, check_z_loss)
+from .options import (check_chunk_size, check_ignore_index, check_label_smoothing, check_reduction, check_shift,
+                      check_softcap, check_target_format, check_z_loss)
 
 __all__ = ["CrossEntropyLoss", "LinearCrossEntropyLoss"]
 
@@ -134,6 +134,7 @@ class LinearCrossEntropyLoss(nn.Module):
                  chunk_size: Optional[int] = None, process_group=None, return_extras: bool = False) -> None:
         super().__init__()
         _check_module_options(reduction, label_smoothing, z_loss, softcap, target_format, ignore_index, impl, shift)
+        check_chunk_size(chunk_size)
         self.register_buffer("weight", weight)
         self.ignore_index = ignore_index
         self.reduction = reduction

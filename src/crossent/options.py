@@ -68,7 +68,10 @@ def _number(value, name: str, hint: str) -> float:
         if value.numel() != 1 or value.dtype == torch.bool or value.dtype.is_complex:
             raise ValueError(f"{name} must be a number or a one-element tensor, got a tensor of shape "
                              f"{list(value.shape)} ({value.dtype}); {hint}")
-        return float(value.detach().reshape(()).item())
+        if value.requires_grad and torch.is_grad_enabled():
+            raise TypeError(f"{name} is a tensor that requires grad, but crossent does not differentiate it "
+                            f"(PyTorch refuses this too): pass {name}.item() or {name}.detach()")
+        return float(value.reshape(()).item())
     if not isinstance(value, Number) or isinstance(value, complex):  # a bool is a number, as in PyTorch
         raise ValueError(f"{name}={value!r} must be a number; {hint}")
     return float(value)
@@ -124,9 +127,12 @@ def check_ignore_index(value, allow_none: bool = False) -> int:
                                                                    or value.dtype == torch.bool or value.numel() != 1)):
         raise TypeError(f"ignore_index must be an int, got {value!r}")
     try:
-        return int(operator.index(value.reshape(()) if isinstance(value, Tensor) else value))
+        index = int(operator.index(value.reshape(()) if isinstance(value, Tensor) else value))
     except TypeError:
         raise TypeError(f"ignore_index must be an int, got {type(value).__name__} {value!r}") from None
+    if not -2**63 <= index < 2**63:
+        raise ValueError(f"ignore_index={index} does not fit in int64, the dtype class indices are compared in")
+    return index
 
 
 def check_flag(value, name: str) -> bool:
@@ -151,6 +157,8 @@ def check_num_items(value, reduction: str) -> Optional[Union[float, Tensor]]:
             raise ValueError(f"num_items={value.detach().reshape(()).item()!r} is not a count > 0 ({hint}); "
                              "crossent.set_checks(False) skips this check")
         return value
+    if isinstance(value, (bool, np_bool)):
+        raise ValueError(f"num_items={value!r} must be a count > 0, not a bool ({hint})")
     n = _number(value, "num_items", hint)
     if not n > 0 or not math.isfinite(n):
         raise ValueError(f"num_items={value!r} must be a count > 0 ({hint})")

@@ -445,8 +445,9 @@ def _check_classes(t: Tensor, C: int, ignore_index: int, name: str) -> None:
         value = int(t.reshape(-1)[flat])
         where = f"position {pos[:-1]} entry {pos[-1]}" if name.startswith("SparseTarget") else f"position {pos}"
         hint = f"valid classes are 0..{C - 1}, and ignore_index={ignore_index} marks positions to skip"
-        if value < 0:
-            hint += f"; if {value} marks padding, pass ignore_index={value}"
+        if value < 0 or value == 255:
+            hint += f"; if {value} marks padding{' (as in segmentation masks)' if value == 255 else ''}, " \
+                    f"pass ignore_index={value}"
         raise ValueError(f"{name} {value} at {where} is out of range for {C} classes ({hint})")
 
 

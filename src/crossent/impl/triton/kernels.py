@@ -80,10 +80,22 @@ def _round_to(x, dtype: tl.constexpr, EMULATE_RTNE: tl.constexpr):
 
 
 @triton.jit
+def _nan_max2(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _nan_max(x, axis: tl.constexpr):
+    """``tl.max`` that propagates NaN, as ``torch.amax`` does: a row holding NaN gets NaN statistics
+    (``lse`` NaN, as ``torch.logsumexp``), not those of its numbers."""
+    return tl.reduce(x, axis, _nan_max2)
+
+
+@triton.jit
 def _max_shift(m, tmax):
     """Online max update: ``(m_new, ref, shift)``, ``ref`` the new reference point (0 while the max is -inf)
     and ``shift`` how far it moved."""
-    m_new = tl.maximum(m, tmax)
+    m_new = tl.maximum(m, tmax, propagate_nan=tl.PropagateNan.ALL)
     m_old = tl.where(m == float("-inf"), 0.0, m)
     ref = tl.where(m_new == float("-inf"), 0.0, m_new)
     return m_new, ref, ref - m_old
@@ -135,7 +147,7 @@ def ce_fwd_kernel(
             best, besti = _track_argmax(x, offs, best, besti, 0)
         if HAS_CAP:
             x = tl.where(mask, softcap * _tanh(x / softcap), float("-inf"))
-        tmax = tl.max(x, 0)
+        tmax = _nan_max(x, 0)
         m_new, m_ref, shift = _max_shift(m, tmax)
         s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(x - m_ref), 0)
         m = m_new
@@ -150,7 +162,7 @@ def ce_fwd_kernel(
             wd = _shifted_sum(wd, ws, shift, wc, dx, 0)
             ws += tl.sum(wc, 0)
     logs = tl.log(s)
-    lse = tl.where((m == float("inf")) | (m == float("-inf")), m, m + logs)  # as torch.logsumexp
+    lse = tl.where((m == float("inf")) | (m == float("-inf")), m, m + logs)  # as torch.logsumexp (NaN stays)
 
     rv = 1.0
     if HAS_RV:

@@ -19,8 +19,8 @@ skipped (an approximation; off by default).
 import triton
 import triton.language as tl
 
-from .kernels import (_class_weights, _max_shift, _merge_argmax, _round_to, _shifted_sum, _smoothed, _tanh,
-                      _track_argmax)
+from .kernels import (_class_weights, _max_shift, _merge_argmax, _nan_max, _round_to, _shifted_sum, _smoothed,
+                      _tanh, _track_argmax)
 
 
 @triton.jit
@@ -94,7 +94,7 @@ def lce_fwd_kernel(
         if HAS_CAP:
             x = softcap * _tanh(x / softcap)
         x = tl.where(vmask[None, :], x, float("-inf"))
-        tmax = tl.max(x, 1)
+        tmax = _nan_max(x, 1)
         m_new, m_ref, shift = _max_shift(m, tmax)
         s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(x - m_ref[:, None]), 1)
         m = m_new
