@@ -13,11 +13,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .distributed import (copy_to_vocab_parallel, dtensor_logits, dtensor_linear_args, is_dtensor,
+                          vocab_parallel_terms, world_size)
 from .impl.common import acc_dtype
 from .impl.registry import check_supported, resolve
 from .ops import (FusedCall, LinearCall, check_inplace, check_not_overwritten, fused_cross_entropy,
                   fused_linear_cross_entropy, mark_overwritten)
-from .options import Options, check_chunk_size, check_shift, check_target_format, make_options
+from .options import Options, check_chunk_size, check_flag, check_shift, check_target_format, make_options
 from .reduction import plan_reduction
 from .targets import ProbsTarget, SparseTarget, Target, TopKTarget, _fmt, check_after, class_dim, normalize_target
 
@@ -125,18 +127,26 @@ def cross_entropy(input: Tensor, target, weight: Optional[Tensor] = None, ignore
         True
     """
     _no_jit_trace()
+    if is_dtensor(input):  # sharded on the class dim: vocab-parallel, a replicated loss
+        input, process_group, wrap = dtensor_logits(input, dim)
+        out = cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, dim=dim,
+                            target_format=target_format, z_loss=z_loss, softcap=softcap, num_items=num_items,
+                            impl=impl, inplace_backward=inplace_backward, process_group=process_group,
+                            return_extras=return_extras)
+        return (wrap(out[0]), out[1]) if return_extras else wrap(out)
     if not isinstance(input, Tensor):
         raise TypeError(f"input must be a tensor of logits, got {type(input).__name__}")
     if not input.dtype.is_floating_point:
         raise TypeError(f"input must be floating logits, got {input.dtype}; use input.float()")
     cdim = class_dim(input, dim)
     C = input.shape[cdim]
-    if C == 0:
+    if C == 0 and process_group is None:  # a vocab-parallel rank may hold no classes
         raise ValueError(f"input {list(input.shape)} has 0 classes at dim {cdim}")
     opts = make_options(classes=C, device=input.device, weight=weight, ignore_index=ignore_index,
                         reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
                         num_items=num_items, inplace_backward=inplace_backward, return_extras=return_extras)
-    _no_process_group(process_group)
+    if process_group is not None and world_size(process_group) > 1:
+        return _vocab_parallel(input, target, cdim, check_target_format(target_format), opts, process_group)
     tgt = normalize_target(target, input, cdim, check_target_format(target_format), opts.ignore_index)
     _guard_logits(input, tgt, opts)
     input = _promoted(input, tgt)
@@ -160,6 +170,24 @@ def cross_entropy(input: Tensor, target, weight: Optional[Tensor] = None, ignore
     return _finish(loss, lse, z, pred, pos_shape, tgt, target, opts)
 
 
+def _vocab_parallel(input: Tensor, target, cdim: int, target_format: str, opts: Options, group):
+    """The input holds this rank's shard of the classes: collectives in :mod:`crossent.distributed`,
+    the gradient through the fused autograd Function (the same path for every ``impl``)."""
+    if not torch.compiler.is_compiling():
+        check_not_overwritten(input)
+        if opts.inplace_backward:
+            check_inplace(input)
+    autocast_off, out_dtype = _autocast_off(input)
+    with autocast_off:
+        shard, tgt, red, shape3 = vocab_parallel_terms(input, target, cdim, target_format, opts, group, out_dtype)
+        if torch.is_grad_enabled() and opts.weight is not None and opts.weight.requires_grad:
+            raise ValueError("weight requires grad, but vocab-parallel cross_entropy does not differentiate class "
+                             "weights; pass weight.detach()")
+        loss, lse, z, pred = fused_cross_entropy(input, FusedCall(shard, tgt, opts, red, shape3, cdim,
+                                                                  torch.is_grad_enabled()))
+    return _finish(loss, lse, z, pred, torch.Size(input.shape[:cdim] + input.shape[cdim + 1:]), tgt, target, opts)
+
+
 def _guard_logits(input: Tensor, tgt: Target, opts: Options) -> None:
     """Logits that an earlier ``inplace_backward`` overwrote, or that this one must not overwrite."""
     if torch.compiler.is_compiling():  # traced: nothing is written in place
@@ -176,12 +204,6 @@ def _no_jit_trace() -> None:
         raise RuntimeError("crossent does not support TorchScript (torch.jit.trace / torch.jit.script): "
                            "use torch.compile or torch.export, which it supports, or "
                            "torch.nn.functional.cross_entropy inside TorchScript code")
-
-
-def _no_process_group(process_group) -> None:
-    if process_group is not None:
-        raise ValueError("process_group (vocab-parallel) is not available yet in this version of crossent; "
-                         "gather the full vocab on one device or leave process_group=None")
 
 
 def _promoted(input: Tensor, tgt: Target) -> Tensor:
@@ -234,7 +256,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target, linear_bi
                          target_format: str = "auto", z_loss: float = 0.0, softcap: Optional[float] = None,
                          num_items=None, impl: str = "auto", chunk_size: Optional[int] = None,
                          process_group=None, return_extras: bool = False, filter_eps: Optional[float] = None,
-                         options=None):
+                         options=None, reduce_input_grad: bool = True):
 
 
     r"""``cross_entropy(input @ linear_weight.T + linear_bias, target, ...)`` without ever holding
@@ -306,6 +328,25 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target, linear_bi
     """
     _no_jit_trace()
     chunk_size = check_chunk_size(_chunk_size(chunk_size, options))
+    if is_dtensor(linear_weight) or is_dtensor(input):
+        input, linear_weight, linear_bias, process_group, wrap = dtensor_linear_args(input, linear_weight,
+                                                                                   linear_bias)
+        loss = linear_cross_entropy(input, linear_weight, target, linear_bias, weight, ignore_index, reduction,
+                                    label_smoothing, shift=shift, target_format=target_format, z_loss=z_loss,
+                                    softcap=softcap, num_items=num_items, impl=impl, chunk_size=chunk_size,
+                                    process_group=process_group, return_extras=return_extras,
+                                    filter_eps=filter_eps, reduce_input_grad=reduce_input_grad)
+        return wrap(loss)
+    if process_group is not None and world_size(process_group) > 1:
+        if filter_eps is not None or chunk_size is not None:
+            raise ValueError("chunk_size and filter_eps do not apply to vocab-parallel linear_cross_entropy (each "
+                             "rank builds the logits of its shard of the vocabulary): leave them unset")
+        return _linear_vocab_parallel(input, linear_weight, target, linear_bias, check_shift(shift),
+                                      process_group, check_flag(reduce_input_grad, "reduce_input_grad"),
+                                      weight=weight, ignore_index=-100 if ignore_index is None else ignore_index,
+                                      reduction=reduction, label_smoothing=label_smoothing,
+                                      target_format=target_format, z_loss=z_loss, softcap=softcap,
+                                      num_items=num_items, return_extras=return_extras)
     if isinstance(linear_weight, Tensor) and linear_weight.dim() > 2:
         if filter_eps is not None or chunk_size is not None:
             raise ValueError("chunk_size, filter_eps and options.batch_chunk_size apply to a [V, H] linear_weight; "
@@ -321,7 +362,6 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target, linear_bi
                         num_items=num_items, return_extras=return_extras,
                         chunk_size=chunk_size, filter_eps=filter_eps,
                         ignore_index_none_ok=True)
-    _no_process_group(process_group)
     pos_shape, target, row_ids = _linear_positions(input, target, V, check_shift(shift))
     tgt = normalize_target(target, _Logits(pos_shape + (V,), input.device), len(pos_shape),
                            check_target_format(target_format), opts.ignore_index)
@@ -339,6 +379,28 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target, linear_bi
             terms = r.module.linear_cross_entropy(x2, row_ids, lw, lb, tgt, opts, red, None).terms
             loss, lse, z, pred = red.reduce(terms.ce, terms.z), terms.lse, terms.z, terms.predicted
     return _finish(loss, lse, z, pred, pos_shape, tgt, target, opts)
+
+
+def _linear_vocab_parallel(input: Tensor, linear_weight: Tensor, target, linear_bias: Optional[Tensor], shift: int,
+                           group, reduce_input_grad: bool, **kw):
+    """``linear_weight`` (and bias) hold this rank's rows of the vocabulary, the input is replicated:
+    each rank builds the logits of its shard and runs vocab-parallel :func:`cross_entropy` on them. The
+    weight gradient needs no communication; the input gradient is summed over the ranks (one
+    all-reduce in the backward) unless ``reduce_input_grad=False`` (a layer already reduces it)."""
+    if not isinstance(linear_weight, Tensor) or linear_weight.dim() != 2:
+        raise ValueError("vocab-parallel linear_cross_entropy takes this rank's rows of a [V, H] linear_weight")
+    _check_linear_args(input, linear_weight, linear_bias, allow_empty=True)
+    x = copy_to_vocab_parallel(input, group) if reduce_input_grad else input
+    if shift:
+        pos_shape = input.shape[:-1]
+        _check_linear_target(input, target, None, shift)
+        T = input.shape[-2] if input.dim() >= 2 else 0
+        if input.dim() < 2 or shift >= T:
+            raise ValueError(f"shift={shift} needs input [..., T, H] with T > shift, got {_fmt(input.shape)}")
+        x = x[..., :T - shift, :]
+        target = _shifted_target(target, pos_shape, shift)
+    logits = torch.nn.functional.linear(x, linear_weight, linear_bias)
+    return cross_entropy(logits, target, dim=-1, process_group=group, **kw)
 
 
 def _linear_k_dim(input: Tensor, linear_weight: Tensor, target, linear_bias: Optional[Tensor], *, shift, **kw):
@@ -367,7 +429,7 @@ def _linear_k_dim(input: Tensor, linear_weight: Tensor, target, linear_bias: Opt
     return cross_entropy(logits.reshape(input.shape[:1] + out_features), target, dim=1, **kw)
 
 
-def _check_linear_args(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor]):
+def _check_linear_args(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], allow_empty: bool = False):
     """``(V, H)`` after checking the hidden states, the projection and its bias."""
     if not isinstance(input, Tensor) or not input.dtype.is_floating_point:
         raise TypeError("input must be a floating tensor of hidden states [..., H], got "
@@ -397,7 +459,7 @@ def _check_linear_args(input: Tensor, linear_weight: Tensor, linear_bias: Option
             raise ValueError(f"linear_bias must have shape [{V}] (one per row of linear_weight), got {got}")
         if linear_bias.device != input.device or (linear_bias.dtype != input.dtype and not autocast):
             raise ValueError(f"linear_bias must be {input.dtype} on {input.device}, like input")
-    if V == 0:
+    if V == 0 and not allow_empty:  # a vocab-parallel rank may hold no rows
         raise ValueError("linear_weight has 0 rows: there are no classes")
     return V, H
 
@@ -427,15 +489,25 @@ def _chunk_size(chunk_size: Optional[int], options) -> Optional[int]:
     return chunk_size if rows is None else rows
 
 
-def _check_linear_target(input: Tensor, target, V: int, shift: int) -> None:
+def _shifted_target(target, pos_shape: torch.Size, shift: int):
+    """The labels of positions ``shift..T-1`` (position ``t`` predicts label ``t + shift``)."""
+    if isinstance(target, SparseTarget):
+        return SparseTarget(target.indices[..., shift:, :], target.values[..., shift:, :])
+    if isinstance(target, Tensor):
+        return target[..., shift:] if target.shape == pos_shape else target[..., shift:, :]
+    return target
+
+
+def _check_linear_target(input: Tensor, target, V: Optional[int], shift: int) -> None:
     """The target's shape against the hidden states ``[..., H]``: indices ``[...]``, probabilities
-    ``[..., V]`` or a SparseTarget ``[..., k]`` (before any shift)."""
+    ``[..., V]`` (any last dim where ``V`` is None) or a SparseTarget ``[..., k]`` (before any shift)."""
     pos = input.shape[:-1]
     if isinstance(target, SparseTarget):
         ok, got = target.indices.shape[:-1] == pos, target.indices.shape
     elif isinstance(target, Tensor):
         floating = target.dtype.is_floating_point
-        ok, got = target.shape == pos + (V,) or (target.shape == pos and not floating), target.shape
+        dense = target.shape[:-1] == pos and target.dim() == len(pos) + 1 and (V is None or target.shape[-1] == V)
+        ok, got = dense or (target.shape == pos and not floating), target.shape
         if floating and target.shape == pos:
             raise TypeError(f"target is {target.dtype} with shape {_fmt(target.shape)}, the shape of class indices "
                             f"for hidden states {_fmt(input.shape)}: class indices must be integers, use target.long()")
@@ -447,8 +519,10 @@ def _check_linear_target(input: Tensor, target, V: int, shift: int) -> None:
     hint = ""
     if shift and len(pos) and got[:len(pos)] == pos[:-1] + (pos[-1] - shift,):
         hint = "; the labels look shifted already: pass shift=False"
-    raise ValueError(f"input (hidden states) is {_fmt(input.shape)} and linear_weight has {V} rows, so the target "
-                     f"must be class indices {_fmt(pos)}, one-hot or probabilities {_fmt(pos + (V,))} or a SparseTarget "
+    v = "V" if V is None else V
+    raise ValueError(f"input (hidden states) is {_fmt(input.shape)} and linear_weight has {v} rows, so the target "
+                     f"must be class indices {_fmt(pos)}, one-hot or probabilities {_fmt(pos)[:-1]}"
+                     f"{', ' if len(pos) else ''}{v}] or a SparseTarget "
                      f"{sparse}; got {_fmt(got)}" + (" (with shift, the target covers every position before "
                                                        "shifting)" if shift else "") + hint)
 
@@ -465,10 +539,7 @@ def _linear_positions(input: Tensor, target, V: int, shift: int):
     T = input.shape[-2]
     if shift >= T:
         raise ValueError(f"shift={shift} leaves no position of a sequence of length {T} (input {_fmt(input.shape)})")
-    if isinstance(target, SparseTarget):
-        target = SparseTarget(target.indices[..., shift:, :], target.values[..., shift:, :])
-    elif isinstance(target, Tensor):
-        target = target[..., shift:] if target.shape == pos_shape else target[..., shift:, :]
+    target = _shifted_target(target, pos_shape, shift)
     B = math.prod(input.shape[:-2])
     row_ids = ((torch.arange(B, device=input.device) * T).unsqueeze(1)
                + torch.arange(T - shift, device=input.device)).reshape(-1)

@@ -60,13 +60,14 @@ class Reduction:
 
 
 def plan_reduction(tgt: Target, opts: Options, acc: torch.dtype, device: torch.device, pos_shape: torch.Size,
-                   out_dtype: torch.dtype) -> Reduction:
+                   out_dtype: torch.dtype, weight_sum: Optional[Tensor] = None) -> Reduction:
     """The :class:`Reduction` of a call.
 
     ``mean`` with index targets divides the CE by the summed class weights of
     the non-ignored positions (PyTorch's rule) and the z-loss by their count;
     with probability or top-k targets both divide by the number of positions.
-    ``num_items`` replaces both.
+    ``num_items`` replaces both. ``weight_sum`` gives the summed class weights of the counted
+    positions where they are not all here (vocab-parallel: each rank owns some labels' weights).
     """
     ce_denom = z_denom = count = None
     nan_at_zero = False
@@ -80,7 +81,10 @@ def plan_reduction(tgt: Target, opts: Options, acc: torch.dtype, device: torch.d
             valid = tgt.valid
             count = valid.sum().to(acc)
             w = opts.class_weight(acc)
-            ce_denom = count if w is None else (w[tgt.index.clamp(0, w.numel() - 1)] * valid).sum()
+            if weight_sum is not None:
+                ce_denom = weight_sum.to(acc)
+            else:
+                ce_denom = count if w is None else (w[tgt.index.clamp(0, w.numel() - 1)] * valid).sum()
             z_denom = count
             nan_at_zero = True
         else:

@@ -1,0 +1,305 @@
+"""Vocab-parallel cross-entropy over ``torch.distributed``: the input's class dim is this rank's
+contiguous shard of the vocabulary (ranks in order, shards possibly uneven); every rank gets the
+loss over the full vocabulary and the gradient of its own shard.
+
+Per call, while value checks are on, one all-gather of ``(classes, positions)`` per rank checks
+that the ranks agree (a mismatch raises on every rank, never hangs); with checks off the shard
+sizes are learned once per (group, shard size). The forward then needs two collectives of O(N)
+numbers, never O(N V):
+
+1. an all-gather of each shard's ``(lse, max logit, argmax)`` per position: the global
+   log-sum-exp is their logsumexp, the predicted class the first maximum;
+2. one all-reduce of a packed ``[N, 3]`` tensor: each shard's loss contribution
+   ``T_r (lse - m_r) + sum_c t_c (m_r - x_c)`` (non-negative sums against the shard's max, so
+   nothing cancels or underflows), its target mass ``T_r`` and the class weight of the labels it
+   owns (the weighted-mean denominator).
+
+Label smoothing spreads over the full vocabulary, class weights are sharded with it, and the
+gradient ``scale * (T p - t)`` (plus z-loss) is formed in the forward from the global ``lse``:
+the backward needs no collective. It runs through the same autograd Function as the fused impls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .config import CONFIG
+from .impl.common import RowTerms, acc_dtype
+from .options import Options
+from .reduction import Reduction, plan_reduction
+from .targets import IndexTarget, ProbsTarget, Target, _fmt, normalize_target
+
+__all__ = ["world_size", "shard_sizes", "vocab_parallel_terms", "copy_to_vocab_parallel", "is_dtensor",
+           "dtensor_logits", "dtensor_linear_args"]
+
+_SIZES: Dict[Tuple[int, int, str], Tensor] = {}
+
+
+def world_size(group) -> int:
+    """The group's size (1 when torch.distributed is not initialised: nothing to reduce)."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("process_group was given but torch.distributed is not initialised: call "
+                         "torch.distributed.init_process_group first (or leave process_group=None)")
+    return dist.get_world_size(group)
+
+
+def shard_sizes(group, classes: int, positions: int, device: torch.device) -> Tensor:
+    """Every rank's number of classes (``[world]`` int64 on the host). While checks are on, every call
+    exchanges ``(classes, positions)`` and raises on every rank if the positions differ."""
+    key = (id(group), classes, str(device))
+    if not CONFIG.checks and key in _SIZES:
+        return _SIZES[key]
+    mine = torch.tensor([classes, positions], dtype=torch.int64, device=device)
+    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(everyone, mine, group=group)
+    table = torch.stack(everyone).cpu()
+    if bool((table[:, 1] != table[0, 1]).any()):
+        raise ValueError(f"vocab-parallel cross_entropy: the ranks hold different numbers of positions "
+                         f"{table[:, 1].tolist()} (rank r has row r): every rank must pass the same positions "
+                         "(the full batch) with its own shard of the classes")
+    _SIZES[key] = table[:, 0]
+    return _SIZES[key]
+
+
+@dataclass
+class _Shard:
+    """What the forward learned; ``cross_entropy`` hands it to the autograd Function as an impl."""
+
+    terms: RowTerms
+    lse: Tensor  # [M] global
+    mass: Tensor  # [M] T, the global target mass
+    t: Tensor  # [M, C_r] this shard's target masses
+    xs: Tensor  # [M, C_r] this shard's logits after softcap
+    th: Optional[Tensor]  # [M, C_r] tanh(x / softcap)
+    valid: Optional[Tensor]  # [M] bool, index targets
+    NAME: str = "vocab-parallel"
+
+    def cross_entropy(self, x3: Tensor, tgt: Target, opts: Options, red: Reduction,
+                      grad3: Optional[Tensor] = None) -> RowTerms:
+        if grad3 is not None:
+            P, Cr, Q = x3.shape
+            M = self.lse.shape[0]
+            on = self.valid if self.valid is not None else torch.ones(M, dtype=torch.bool, device=self.lse.device)
+            g = torch.where(on, red.ce_scale, 0.0)  # [M]; ignored rows 0 (a NaN scale reaches counted rows only)
+            p = torch.exp(self.xs - self.lse.unsqueeze(1))
+            coef = self.mass * g
+            if opts.z_loss:
+                coef = coef + torch.where(on, 2 * opts.z_loss * red.z_scale, 0.0) * self.lse
+            grad = coef.unsqueeze(1) * p - g.unsqueeze(1) * self.t
+            if self.th is not None:
+                grad = grad * (1 - self.th.square())
+            grad3.copy_(grad.reshape(P, Q, Cr).transpose(1, 2))
+        return self.terms
+
+
+def _rows(x3: Tensor, acc: torch.dtype) -> Tensor:
+    """``[P, C_r, Q]`` as ``[P * Q, C_r]`` in the accumulation dtype."""
+    P, C, Q = x3.shape
+    return x3.transpose(1, 2).reshape(P * Q, C).to(acc)
+
+
+def _local_targets(tgt: Target, opts: Options, w: Optional[Tensor], offset: int, Cr: int, C: int, M: int,
+                   acc: torch.dtype, device: torch.device):
+    """``(t [M, C_r], owned class weight [M], valid [M] or None, bad [M])``: this shard's target masses."""
+    ls = opts.label_smoothing
+    t = torch.zeros(M, Cr, dtype=acc, device=device)
+    owned_w = torch.zeros(M, dtype=acc, device=device)
+    valid = bad = None
+    if isinstance(tgt, ProbsTarget):
+        q = _rows(tgt.probs, acc)
+        t = q[:, offset:offset + Cr] if q.shape[1] == C else q
+        t = t * (1 - ls) + ls / C if ls > 0 else t
+        return (t * w if w is not None else t), owned_w, None, torch.zeros(M, dtype=torch.bool, device=device)
+    if isinstance(tgt, IndexTarget):
+        y = tgt.index.reshape(-1, 1)
+        valid = tgt.valid.reshape(-1)
+        mass = valid.to(acc).unsqueeze(1)
+        bad = valid & ((tgt.index.reshape(-1) < 0) | (tgt.index.reshape(-1) >= C))
+    else:
+        k = tgt.indices.shape[-1]
+        y = tgt.indices.reshape(-1, k)
+        pad = tgt.padding.reshape(-1, k)
+        mass = torch.where(pad, torch.zeros((), dtype=acc, device=device), tgt.values.reshape(-1, k).to(acc))
+        bad = (~pad & ((y < 0) | (y >= C))).any(1)
+    if Cr == 0:  # a rank that holds no classes owns no labels
+        return t, owned_w, valid, bad
+    local = y - offset
+    mine = (local >= 0) & (local < Cr)
+    col = torch.where(mine, local, torch.zeros_like(local))
+    wy = w[col] if w is not None else torch.ones_like(mass)
+    vals = torch.where(mine, mass * wy * (1 - ls), torch.zeros_like(mass))
+    t.scatter_add_(1, col, vals)
+    if isinstance(tgt, IndexTarget):
+        owned_w = torch.where(mine & valid.unsqueeze(1), wy, torch.zeros_like(wy)).sum(1)
+    if ls > 0:
+        sm = (ls / C) * (w if w is not None else torch.ones(Cr, dtype=acc, device=device))
+        rows_on = valid.to(acc).unsqueeze(1) if valid is not None else 1.0
+        t = t + rows_on * sm
+    return t, owned_w, valid, bad
+
+
+def vocab_parallel_terms(input: Tensor, target, cdim: int, target_format: str, opts: Options, group,
+                         out_dtype: torch.dtype):
+    """``(_Shard, typed target, Reduction, shape3)`` of a vocab-parallel cross-entropy: the collectives
+    and the per-position terms (no autograd); the caller runs the gradient through the fused Function."""
+    P = int(torch.tensor(input.shape[:cdim]).prod()) if cdim else 1
+    Cr = input.shape[cdim]
+    Q = int(torch.tensor(input.shape[cdim + 1:]).prod()) if cdim + 1 < input.dim() else 1
+    M, dev, acc = P * Q, input.device, acc_dtype(input.dtype)
+    sizes = shard_sizes(group, Cr, M, dev)
+    rank = dist.get_rank(group)
+    offset, C = int(sizes[:rank].sum()), int(sizes.sum())
+    if opts.weight is not None and opts.weight.numel() not in (Cr, C):
+        raise ValueError(f"weight has {opts.weight.numel()} entries but this rank holds {Cr} of {C} classes: "
+                         "pass this rank's shard of the class weights (or all of them)")
+    w = opts.class_weight(acc)
+    if w is not None and w.numel() == C and C != Cr:
+        w = w[offset:offset + Cr]
+    glob_shape = input.shape[:cdim] + (C,) + input.shape[cdim + 1:]
+    full = _LikeLogits(glob_shape, dev)
+    if isinstance(target, Tensor) and target.dtype.is_floating_point and target.dim() == input.dim() \
+            and target.shape[cdim] == Cr and Cr != C:
+        full = _LikeLogits(input.shape, dev)  # a shard of the probabilities, like the logits
+    tgt = normalize_target(target, full, cdim, target_format, opts.ignore_index)
+
+    x = _rows(input.reshape(P, Cr, Q).detach(), acc)
+    th = None
+    if opts.softcap is not None:
+        th = torch.tanh(x / opts.softcap)
+        xs = opts.softcap * th
+    else:
+        xs = x
+    # 1. per-shard (lse, max, argmax) -> global lse and predicted
+    m_r = torch.amax(xs, 1) if Cr else torch.full((M,), float("-inf"), dtype=acc, device=dev)
+    finite = torch.isfinite(m_r)
+    ref = torch.where(finite, m_r, torch.zeros_like(m_r))
+    lse_r = ref + torch.log(torch.exp(xs - ref.unsqueeze(1)).sum(1)) if Cr else m_r
+    lse_r = torch.where(finite | torch.isnan(m_r), lse_r, m_r)
+    raw_max, raw_arg = (torch.max(x, 1) if Cr else (m_r, torch.zeros(M, dtype=torch.long, device=dev)))
+    mine = torch.stack([lse_r.double(), raw_max.double(), (raw_arg + offset).double()])
+    gathered = [torch.empty_like(mine) for _ in range(len(sizes))]
+    dist.all_gather(gathered, mine, group=group)
+    g = torch.stack(gathered)  # [W, 3, M]
+    lse = torch.logsumexp(g[:, 0], 0).to(acc)
+    has_any = sizes.to(dev) > 0
+    maxes = torch.where(has_any.unsqueeze(1), g[:, 1], torch.full_like(g[:, 1], float("-inf")))
+    pred = g[:, 2].gather(0, torch.argmax(maxes, 0, keepdim=True)).squeeze(0).long()
+    # 2. this shard's loss contribution, target mass and owned class weight -> all-reduce
+    t, owned_w, valid, bad = _local_targets(tgt, opts, w, offset, Cr, C, M, acc, dev)
+    d = torch.where(t == 0, torch.zeros_like(t), t * (m_r.unsqueeze(1) - xs)).sum(1) if Cr else torch.zeros_like(m_r)
+    T_r = t.sum(1)
+    part = torch.where(T_r == 0, torch.zeros_like(T_r), T_r * (lse - m_r)) + d
+    packed = torch.stack([part, T_r, owned_w], 1)
+    dist.all_reduce(packed, group=group)
+    ce = packed[:, 0].masked_fill(bad, float("nan"))
+    if valid is not None:
+        ce = torch.where(valid, ce, torch.zeros_like(ce))
+    z = None
+    if opts.z_loss:
+        z = opts.z_loss * lse.square()
+        z = torch.where(valid, z, torch.zeros_like(z)) if valid is not None else z
+    pos_shape = torch.Size(input.shape[:cdim] + input.shape[cdim + 1:])
+    red = plan_reduction(tgt, opts, acc, dev, pos_shape, out_dtype,
+                         weight_sum=packed[:, 2].sum() if (w is not None and isinstance(tgt, IndexTarget)) else None)
+    shard = _Shard(RowTerms(ce, z, lse, pred if opts.return_extras else None), lse, packed[:, 1], t, xs, th, valid)
+    return shard, tgt, red, (P, Cr, Q)
+
+
+class _LikeLogits:
+    """Shape and device of the full-vocabulary logits (for target normalisation against all classes)."""
+
+    def __init__(self, shape, device):
+        self.shape, self.device = torch.Size(shape), device
+
+    def __repr__(self) -> str:
+        return f"logits {_fmt(self.shape)}"
+
+
+class _CopyToVocabParallel(torch.autograd.Function):
+    """Identity forward; the backward sums the input's gradient over the ranks (each rank's shard of
+    the vocabulary contributes its part of ``dL/dx``)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def copy_to_vocab_parallel(x: Tensor, group) -> Tensor:
+    """``x`` unchanged, with its gradient all-reduced (SUM) over ``group`` in the backward."""
+    return _CopyToVocabParallel.apply(x, group)
+
+
+def is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - older torch
+        return False
+    return isinstance(t, DTensor)
+
+
+def _replicated(mesh):
+    from torch.distributed.tensor import DTensor, Replicate
+
+    def wrap(loss: Tensor):
+        return DTensor.from_local(loss, mesh, [Replicate()], run_check=False)
+    return wrap
+
+
+def _mesh_group(t, what: str):
+    mesh = t.device_mesh
+    if mesh.ndim != 1:
+        raise ValueError(f"{what} is a DTensor on a {mesh.ndim}-D device mesh; vocab-parallel crossent takes a "
+                         "1-D mesh (slice the mesh to the tensor-parallel dim: mesh['tp'])")
+    return mesh, mesh.get_group()
+
+
+def dtensor_logits(input, dim: int):
+    """``(local logits, process group, wrap)`` for DTensor logits: sharded on the class dim (vocab-parallel)
+    or replicated (the whole vocabulary on every rank); ``wrap`` makes the loss a replicated DTensor."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    mesh, group = _mesh_group(input, "input")
+    cdim = 0 if input.dim() == 1 else dim % input.dim()
+    (placement,) = input.placements
+    if isinstance(placement, Replicate):
+        return input.to_local(), None, _replicated(mesh)
+    if not (isinstance(placement, Shard) and placement.dim == cdim):
+        raise ValueError(f"input is a DTensor placed {placement}; vocab-parallel cross_entropy takes logits sharded "
+                         f"on the class dim (Shard({cdim})) or replicated")
+    return input.to_local(), group, _replicated(mesh)
+
+
+def dtensor_linear_args(input, linear_weight, linear_bias):
+    """``(input, weight, bias, group, wrap)`` for a DTensor ``linear_weight`` sharded on dim 0 (an lm_head
+    under ColwiseParallel) and a replicated input (a DTensor or a plain tensor)."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    if not is_dtensor(linear_weight):
+        raise ValueError("input is a DTensor but linear_weight is not: pass the lm_head weight as a DTensor "
+                         "sharded on dim 0 (vocab-parallel), or plain tensors")
+    mesh, group = _mesh_group(linear_weight, "linear_weight")
+    (placement,) = linear_weight.placements
+    if not (isinstance(placement, Shard) and placement.dim == 0) and not isinstance(placement, Replicate):
+        raise ValueError(f"linear_weight is a DTensor placed {placement}; vocab-parallel linear_cross_entropy "
+                         "takes it sharded on dim 0 (the vocabulary), as ColwiseParallel places an lm_head")
+    if is_dtensor(input):
+        if not all(isinstance(p, Replicate) for p in input.placements):
+            raise ValueError(f"input is a DTensor placed {input.placements}; the hidden states must be replicated "
+                             "(input.redistribute(mesh, [Replicate()]))")
+        input = input.to_local()
+    if is_dtensor(linear_bias):
+        linear_bias = linear_bias.to_local()
+    shard = isinstance(placement, Shard)
+    return input, linear_weight.to_local(), linear_bias, group if shard else None, _replicated(mesh)

@@ -1,0 +1,209 @@
+"""Vocab-parallel cross_entropy over gloo on CPU: 2, 3 and 4 processes, every rank's loss and
+gradient shard against a single-process run over the full vocabulary, in float64.
+
+Each world size runs every case in one spawn (process start-up dominates); a failing rank raises
+in the test, and a hang is killed by the deadline instead of blocking the suite.
+"""
+
+import datetime
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import crossent
+from crossent import SparseTarget
+
+DEADLINE_S = 240
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cases(C: int):
+    """(name, target kind, keyword options)."""
+    g = torch.Generator().manual_seed(C)
+    w = torch.rand(C, generator=g, dtype=torch.float64) + 0.1
+    return [
+        ("plain", "index", {}),
+        ("smooth_weight_ignore", "index", dict(label_smoothing=0.1, weight=w)),
+        ("zloss_softcap_sum", "index", dict(z_loss=1e-3, softcap=5.0, reduction="sum")),
+        ("none", "index", dict(reduction="none", label_smoothing=0.2)),
+        ("num_items", "index", dict(num_items=11)),
+        ("one_hot", "one_hot", dict(label_smoothing=0.1, weight=w)),
+        ("probs", "probs", dict(label_smoothing=0.1, weight=w)),
+        ("probs_shard", "probs_shard", dict(z_loss=1e-3)),
+        ("sparse", "sparse", dict(label_smoothing=0.05)),
+        ("all_ignored", "ignored", {}),
+        ("scaled_x1000", "index_big", dict(label_smoothing=0.1)),
+    ]
+
+
+def _inputs(kind: str, N: int, C: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, C, generator=g, dtype=torch.float64) * (1000 if kind == "index_big" else 2)
+    y = torch.randint(0, C, (N,), generator=g)
+    y[1] = -100
+    if kind in ("index", "index_big"):
+        return x, y
+    if kind == "ignored":
+        return x, torch.full((N,), -100)
+    if kind == "one_hot":
+        t = torch.nn.functional.one_hot(y.clamp(min=0), C)
+        t[1] = 0
+        return x, t
+    if kind in ("probs", "probs_shard"):
+        return x, torch.softmax(torch.randn(N, C, generator=g, dtype=torch.float64), 1)
+    idx = torch.randint(0, C, (N, 3), generator=g)
+    idx[0, 2] = -100
+    return x, SparseTarget(idx, torch.rand(N, 3, generator=g, dtype=torch.float64))
+
+
+def _worker(rank: int, world: int, port: int, sizes, result_dir: str):
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=60))
+        C = sum(sizes)
+        lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
+        N = 9
+        for i, (name, kind, kw) in enumerate(_cases(C)):
+            x, t = _inputs(kind, N, C, seed=i)
+            ref_kw = dict(kw)
+            xs = x[:, lo:hi].clone().requires_grad_(True)
+            mine = dict(kw)
+            if "weight" in kw:
+                mine["weight"] = kw["weight"][lo:hi]
+            tm = t[:, lo:hi] if kind == "probs_shard" else t
+            loss = crossent.cross_entropy(xs, tm, process_group=dist.group.WORLD, return_extras=True, **mine)
+            loss, extras = loss
+            go = torch.rand_like(loss) + 0.5 if loss.dim() else torch.ones(())
+            (gs,) = torch.autograd.grad(loss, xs, go)
+            xr = x.clone().requires_grad_(True)
+            ref, rex = crossent.cross_entropy(xr, t, impl="torch", return_extras=True, **ref_kw)
+            (gr,) = torch.autograd.grad(ref, xr, go)
+            tol = dict(rtol=1e-10, atol=1e-10, equal_nan=True)
+            assert torch.allclose(loss, ref, **tol), (name, loss, ref)
+            assert torch.allclose(gs, gr[:, lo:hi], **tol), (name, (gs - gr[:, lo:hi]).abs().max())
+            assert torch.allclose(extras["lse"], rex["lse"], **tol), name
+            assert torch.equal(extras["predicted"], rex["predicted"]), name
+        # collectives: with checks off (sizes learned once), forward = one all-gather of O(N) stats and
+        # one packed all-reduce [N, 3]; the backward none
+        from torch.distributed.tensor.debug import CommDebugMode
+
+        x, t = _inputs("index", N, C, seed=0)
+        xs = x[:, lo:hi].clone().requires_grad_(True)
+        with crossent.checks(False):
+            crossent.cross_entropy(xs, t, process_group=dist.group.WORLD)  # learns the shard sizes
+            with CommDebugMode() as fwd:
+                loss = crossent.cross_entropy(xs, t, label_smoothing=0.1, process_group=dist.group.WORLD)
+        with CommDebugMode() as bwd:
+            loss.backward()
+        counts = {str(k).split(".")[-1]: v for k, v in fwd.get_comm_counts().items()}
+        assert sum(counts.values()) == 2 and bwd.get_total_counts() == 0, (counts, bwd.get_comm_counts())
+        _check_linear(rank, world, lo, hi, C)
+        _check_dtensor(rank, world, C)
+        # a label past the global vocabulary raises on every rank
+        with pytest.raises(ValueError, match="out of range"):
+            crossent.cross_entropy(torch.randn(2, hi - lo, dtype=torch.float64), torch.tensor([0, C]),
+                                   process_group=dist.group.WORLD)
+        # ranks that disagree on the positions raise on every rank, never hang
+        with pytest.raises(ValueError, match="different numbers of positions"):
+            n = 3 + rank
+            crossent.cross_entropy(torch.randn(n, hi - lo), torch.zeros(n, dtype=torch.long),
+                                   process_group=dist.group.WORLD)
+        dist.destroy_process_group()
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        with open(os.path.join(result_dir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+def _check_linear(rank, world, lo, hi, C):
+    """linear_weight rows [lo, hi) on this rank, hidden states replicated: loss, the full input gradient
+    (summed over ranks) and this rank's weight and bias gradient rows equal the single-process ones."""
+    g = torch.Generator().manual_seed(99)
+    h = torch.randn(2, 5, 6, generator=g, dtype=torch.float64)
+    W = torch.randn(C, 6, generator=g, dtype=torch.float64)
+    b = torch.randn(C, generator=g, dtype=torch.float64)
+    y = torch.randint(0, C, (2, 5), generator=g)
+    y[0, 3] = -100
+    kw = dict(shift=True, label_smoothing=0.1, z_loss=1e-3)
+    ins = [h.clone().requires_grad_(True), W[lo:hi].clone().requires_grad_(True), b[lo:hi].clone().requires_grad_(True)]
+    loss = crossent.linear_cross_entropy(ins[0], ins[1], y, ins[2], process_group=dist.group.WORLD, **kw)
+    grads = torch.autograd.grad(loss, ins)
+    ref_in = [t.clone().requires_grad_(True) for t in (h, W, b)]
+    ref = crossent.linear_cross_entropy(ref_in[0], ref_in[1], y, ref_in[2], impl="torch", **kw)
+    rg = torch.autograd.grad(ref, ref_in)
+    tol = dict(rtol=1e-10, atol=1e-10)
+    assert torch.allclose(loss, ref, **tol)
+    assert torch.allclose(grads[0], rg[0], **tol)
+    assert torch.allclose(grads[1], rg[1][lo:hi], **tol) and torch.allclose(grads[2], rg[2][lo:hi], **tol)
+    # reduce_input_grad=False: each rank keeps its part of dL/dx (a Megatron-style layer sums them)
+    x = h.clone().requires_grad_(True)
+    part = torch.autograd.grad(crossent.linear_cross_entropy(x, W[lo:hi], y, b[lo:hi], process_group=dist.group.WORLD,
+                                                             reduce_input_grad=False, **kw), x)[0]
+    dist.all_reduce(part)
+    assert torch.allclose(part, rg[0], **tol)
+
+
+def _check_dtensor(rank, world, C):
+    """DTensor logits sharded on the class dim, and an lm_head weight sharded on dim 0, with no extra
+    argument: a replicated loss equal to the single-process one, gradients placed like the inputs."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(6, C, generator=g, dtype=torch.float64)
+    y = torch.randint(0, C, (6,), generator=g)
+    xd = distribute_tensor(x, mesh, [Shard(1)]).requires_grad_(True)
+    loss = crossent.cross_entropy(xd, y, label_smoothing=0.1)
+    loss.backward()
+    xr = x.clone().requires_grad_(True)
+    ref = crossent.cross_entropy(xr, y, label_smoothing=0.1, impl="torch")
+    ref.backward()
+    assert torch.allclose(loss.full_tensor(), ref, rtol=1e-10)
+    assert torch.allclose(xd.grad.full_tensor(), xr.grad, rtol=1e-10, atol=1e-12)
+    h = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    W = torch.randn(C, 4, generator=g, dtype=torch.float64)
+    Wd = distribute_tensor(W, mesh, [Shard(0)]).requires_grad_(True)
+    loss = crossent.linear_cross_entropy(h, Wd, y)
+    loss.backward()
+    Wr = W.clone().requires_grad_(True)
+    ref = crossent.linear_cross_entropy(h, Wr, y, impl="torch")
+    ref.backward()
+    assert torch.allclose(loss.full_tensor(), ref, rtol=1e-10)
+    assert torch.allclose(Wd.grad.full_tensor(), Wr.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("sizes", [(20, 20), (13, 1, 6), (7, 30, 1, 62), (0, 12, 5)],
+                         ids=["2-even", "3-uneven", "4-7/30/1/62", "3-empty-shard"])
+def test_vocab_parallel_equals_single_process(sizes, tmp_path):
+    ctx = mp.start_processes(_worker, args=(len(sizes), _free_port(), list(sizes), str(tmp_path)),
+                             nprocs=len(sizes), join=False, start_method="spawn")
+    import time
+
+    deadline = time.monotonic() + DEADLINE_S
+    try:
+        while not ctx.join(timeout=5):
+            if time.monotonic() > deadline:
+                pytest.fail(f"vocab-parallel ranks still running after {DEADLINE_S} s (a hang)")
+    except Exception:
+        errs = "\n".join(p.read_text() for p in sorted(tmp_path.glob("rank*.err")))
+        pytest.fail(f"a rank failed:\n{errs}")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+
+
+def test_process_group_without_init_is_a_clear_error():
+    with pytest.raises(ValueError, match="init_process_group"):
+        crossent.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), process_group=object())
