@@ -21,6 +21,7 @@ the backward needs no collective. It runs through the same autograd Function as 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
@@ -68,146 +69,183 @@ def shard_sizes(group, classes: int, positions: int, device: torch.device) -> Te
 
 @dataclass
 class _Shard:
-    """What the forward learned; ``cross_entropy`` hands it to the autograd Function as an impl."""
+    """What the forward learned; handed to the fused autograd Function as its impl, which asks it for
+    the gradient of this rank's shard (formed from the global lse, no collective)."""
 
     terms: RowTerms
+    e: Tensor  # [M, C_r] exp(xs - ref): becomes the gradient
+    ref: Tensor  # [M] this shard's reference point (its max, 0 where that is not finite)
     lse: Tensor  # [M] global
     mass: Tensor  # [M] T, the global target mass
-    t: Tensor  # [M, C_r] this shard's target masses
-    xs: Tensor  # [M, C_r] this shard's logits after softcap
+    targets: "_LocalTargets"
     th: Optional[Tensor]  # [M, C_r] tanh(x / softcap)
-    valid: Optional[Tensor]  # [M] bool, index targets
     NAME: str = "vocab-parallel"
 
     def cross_entropy(self, x3: Tensor, tgt: Target, opts: Options, red: Reduction,
                       grad3: Optional[Tensor] = None) -> RowTerms:
-        if grad3 is not None:
-            P, Cr, Q = x3.shape
-            M = self.lse.shape[0]
-            on = self.valid if self.valid is not None else torch.ones(M, dtype=torch.bool, device=self.lse.device)
-            g = torch.where(on, red.ce_scale, 0.0)  # [M]; ignored rows 0 (a NaN scale reaches counted rows only)
-            p = torch.exp(self.xs - self.lse.unsqueeze(1))
-            coef = self.mass * g
-            if opts.z_loss:
-                coef = coef + torch.where(on, 2 * opts.z_loss * red.z_scale, 0.0) * self.lse
-            grad = coef.unsqueeze(1) * p - g.unsqueeze(1) * self.t
-            if self.th is not None:
-                grad = grad * (1 - self.th.square())
-            grad3.copy_(grad.reshape(P, Q, Cr).transpose(1, 2))
+        if grad3 is None:
+            return self.terms
+        P, Cr, Q = x3.shape
+        lt = self.targets
+        on = lt.valid if lt.valid is not None else torch.ones_like(self.lse, dtype=torch.bool)
+        g = torch.where(on, red.ce_scale, 0.0)  # [M]; ignored rows 0 (a NaN scale reaches counted rows only)
+        coef = self.mass * g
+        if opts.z_loss:
+            coef = coef + torch.where(on, 2 * opts.z_loss * red.z_scale, 0.0) * self.lse
+        p = self.e.mul_((torch.exp(self.ref - self.lse) * coef).unsqueeze(1))  # coef * softmax, in place
+        if lt.t is not None:
+            p.sub_(g.unsqueeze(1) * lt.t)
+        else:
+            if lt.cols is not None:
+                p.scatter_add_(1, lt.cols, -g.unsqueeze(1) * lt.vals)
+            if lt.smooth is not None:
+                p.addr_(g * lt.rows_on, lt.smooth, alpha=-1)
+        if self.th is not None:
+            p.mul_(1 - self.th.square())
+        grad3.copy_(p.reshape(P, Q, Cr).transpose(1, 2))
         return self.terms
 
 
+@dataclass
+class _LocalTargets:
+    """This shard's share of the target: dense masses ``t`` (probabilities), or the owned label entries
+    (``cols``, ``vals``) plus label smoothing's per-class masses ``smooth`` on counted rows ``rows_on``."""
+
+    t: Optional[Tensor]  # [M, C_r]
+    cols: Optional[Tensor]  # [M, k] local classes (0 where not owned)
+    vals: Optional[Tensor]  # [M, k] masses there (0 where not owned)
+    smooth: Optional[Tensor]  # [C_r] ls / C * w_c
+    rows_on: Tensor  # [M] 1 / 0
+    owned_w: Tensor  # [M] class weight of the labels this shard owns (index targets)
+    valid: Optional[Tensor]  # [M] bool, index targets
+    bad: Tensor  # [M] bool: a label out of the global range
+
+    def mass_and_sums(self, xs: Tensor, m_r: Tensor) -> Tuple[Tensor, Tensor]:
+        """``(T_r, sum_c t_c (m_r - x_c))`` per row, without cancellation (terms >= 0; ``0 * inf`` = 0)."""
+        M = xs.shape[0]
+        zero = torch.zeros((), dtype=xs.dtype, device=xs.device)
+        if self.t is not None:
+            d = torch.where(self.t == 0, zero, self.t * (m_r.unsqueeze(1) - xs)).sum(1)
+            return self.t.sum(1), d
+        T = torch.zeros(M, dtype=xs.dtype, device=xs.device)
+        d = torch.zeros(M, dtype=xs.dtype, device=xs.device)
+        if self.cols is not None:
+            xy = xs.gather(1, self.cols)
+            T = T + self.vals.sum(1)
+            d = d + torch.where(self.vals == 0, zero, self.vals * (m_r.unsqueeze(1) - xy)).sum(1)
+        if self.smooth is not None:
+            on = self.rows_on > 0
+            T = T + torch.where(on, self.smooth.sum(), zero)
+            d = d + torch.where(on, (m_r.unsqueeze(1) - xs) @ self.smooth, zero)
+        return T, d
+
+
 def _rows(x3: Tensor, acc: torch.dtype) -> Tensor:
-    """``[P, C_r, Q]`` as ``[P * Q, C_r]`` in the accumulation dtype."""
+    """``[P, C_r, Q]`` as ``[P * Q, C_r]`` in the accumulation dtype (a view when it can be)."""
     P, C, Q = x3.shape
     return x3.transpose(1, 2).reshape(P * Q, C).to(acc)
 
 
 def _local_targets(tgt: Target, opts: Options, w: Optional[Tensor], offset: int, Cr: int, C: int, M: int,
-                   acc: torch.dtype, device: torch.device):
-    """``(t [M, C_r], owned class weight [M], valid [M] or None, bad [M])``: this shard's target masses."""
+                   acc: torch.dtype, device: torch.device) -> _LocalTargets:
     ls = opts.label_smoothing
-    t = torch.zeros(M, Cr, dtype=acc, device=device)
-    owned_w = torch.zeros(M, dtype=acc, device=device)
-    valid = bad = None
+    zeros = torch.zeros(M, dtype=acc, device=device)
     if isinstance(tgt, ProbsTarget):
         q = _rows(tgt.probs, acc)
         t = q[:, offset:offset + Cr] if q.shape[1] == C else q
         t = t * (1 - ls) + ls / C if ls > 0 else t
-        return (t * w if w is not None else t), owned_w, None, torch.zeros(M, dtype=torch.bool, device=device)
+        return _LocalTargets(t * w if w is not None else t, None, None, None, zeros + 1, zeros, None,
+                             torch.zeros(M, dtype=torch.bool, device=device))
     if isinstance(tgt, IndexTarget):
         y = tgt.index.reshape(-1, 1)
         valid = tgt.valid.reshape(-1)
         mass = valid.to(acc).unsqueeze(1)
-        bad = valid & ((tgt.index.reshape(-1) < 0) | (tgt.index.reshape(-1) >= C))
+        bad = valid & ((y[:, 0] < 0) | (y[:, 0] >= C))
     else:
         k = tgt.indices.shape[-1]
         y = tgt.indices.reshape(-1, k)
         pad = tgt.padding.reshape(-1, k)
         mass = torch.where(pad, torch.zeros((), dtype=acc, device=device), tgt.values.reshape(-1, k).to(acc))
         bad = (~pad & ((y < 0) | (y >= C))).any(1)
+        valid = None
+    rows_on = valid.to(acc) if valid is not None else zeros + 1
+    smooth = None
+    if ls > 0 and Cr:
+        smooth = (ls / C) * (w if w is not None else torch.ones(Cr, dtype=acc, device=device))
     if Cr == 0:  # a rank that holds no classes owns no labels
-        return t, owned_w, valid, bad
+        return _LocalTargets(None, None, None, None, rows_on, zeros, valid, bad)
     local = y - offset
     mine = (local >= 0) & (local < Cr)
-    col = torch.where(mine, local, torch.zeros_like(local))
-    wy = w[col] if w is not None else torch.ones_like(mass)
+    cols = torch.where(mine, local, torch.zeros_like(local))
+    wy = w[cols] if w is not None else torch.ones_like(mass)
     vals = torch.where(mine, mass * wy * (1 - ls), torch.zeros_like(mass))
-    t.scatter_add_(1, col, vals)
-    if isinstance(tgt, IndexTarget):
+    owned_w = zeros
+    if valid is not None:
         owned_w = torch.where(mine & valid.unsqueeze(1), wy, torch.zeros_like(wy)).sum(1)
-    if ls > 0:
-        sm = (ls / C) * (w if w is not None else torch.ones(Cr, dtype=acc, device=device))
-        rows_on = valid.to(acc).unsqueeze(1) if valid is not None else 1.0
-        t = t + rows_on * sm
-    return t, owned_w, valid, bad
+    return _LocalTargets(None, cols, vals, smooth, rows_on, owned_w, valid, bad)
 
 
 def vocab_parallel_terms(input: Tensor, target, cdim: int, target_format: str, opts: Options, group,
                          out_dtype: torch.dtype):
     """``(_Shard, typed target, Reduction, shape3)`` of a vocab-parallel cross-entropy: the collectives
     and the per-position terms (no autograd); the caller runs the gradient through the fused Function."""
-    P = int(torch.tensor(input.shape[:cdim]).prod()) if cdim else 1
-    Cr = input.shape[cdim]
-    Q = int(torch.tensor(input.shape[cdim + 1:]).prod()) if cdim + 1 < input.dim() else 1
+    P, Cr = math.prod(input.shape[:cdim]), input.shape[cdim]
+    Q = math.prod(input.shape[cdim + 1:])
     M, dev, acc = P * Q, input.device, acc_dtype(input.dtype)
     sizes = shard_sizes(group, Cr, M, dev)
     rank = dist.get_rank(group)
     offset, C = int(sizes[:rank].sum()), int(sizes.sum())
-    if opts.weight is not None and opts.weight.numel() not in (Cr, C):
-        raise ValueError(f"weight has {opts.weight.numel()} entries but this rank holds {Cr} of {C} classes: "
-                         "pass this rank's shard of the class weights (or all of them)")
     w = opts.class_weight(acc)
-    if w is not None and w.numel() == C and C != Cr:
-        w = w[offset:offset + Cr]
-    glob_shape = input.shape[:cdim] + (C,) + input.shape[cdim + 1:]
-    full = _LikeLogits(glob_shape, dev)
-    if isinstance(target, Tensor) and target.dtype.is_floating_point and target.dim() == input.dim() \
-            and target.shape[cdim] == Cr and Cr != C:
-        full = _LikeLogits(input.shape, dev)  # a shard of the probabilities, like the logits
-    tgt = normalize_target(target, full, cdim, target_format, opts.ignore_index)
+    tgt = normalize_target(target, _target_shape(input, target, cdim, C), cdim, target_format, opts.ignore_index)
 
     x = _rows(input.reshape(P, Cr, Q).detach(), acc)
-    th = None
-    if opts.softcap is not None:
-        th = torch.tanh(x / opts.softcap)
-        xs = opts.softcap * th
+    th = torch.tanh(x / opts.softcap) if opts.softcap is not None else None
+    xs = opts.softcap * th if th is not None else x
+    # 1. per-shard (lse, max, argmax) -> the global lse and predicted class
+    if Cr:
+        m_r = torch.amax(xs, 1)
+        raw_max, raw_arg = torch.max(x, 1)
     else:
-        xs = x
-    # 1. per-shard (lse, max, argmax) -> global lse and predicted
-    m_r = torch.amax(xs, 1) if Cr else torch.full((M,), float("-inf"), dtype=acc, device=dev)
-    finite = torch.isfinite(m_r)
-    ref = torch.where(finite, m_r, torch.zeros_like(m_r))
-    lse_r = ref + torch.log(torch.exp(xs - ref.unsqueeze(1)).sum(1)) if Cr else m_r
-    lse_r = torch.where(finite | torch.isnan(m_r), lse_r, m_r)
-    raw_max, raw_arg = (torch.max(x, 1) if Cr else (m_r, torch.zeros(M, dtype=torch.long, device=dev)))
-    mine = torch.stack([lse_r.double(), raw_max.double(), (raw_arg + offset).double()])
-    gathered = [torch.empty_like(mine) for _ in range(len(sizes))]
-    dist.all_gather(gathered, mine, group=group)
+        m_r = raw_max = torch.full((M,), float("-inf"), dtype=acc, device=dev)
+        raw_arg = torch.zeros(M, dtype=torch.long, device=dev)
+    ref = torch.where(torch.isfinite(m_r), m_r, torch.zeros_like(m_r))
+    e = torch.exp(xs - ref.unsqueeze(1))
+    lse_r = torch.where(torch.isinf(m_r), m_r, ref + torch.log(e.sum(1)))
+    stats = torch.stack([lse_r.double(), raw_max.double(), (raw_arg + offset).double()])
+    gathered = [torch.empty_like(stats) for _ in range(len(sizes))]
+    dist.all_gather(gathered, stats, group=group)
     g = torch.stack(gathered)  # [W, 3, M]
     lse = torch.logsumexp(g[:, 0], 0).to(acc)
-    has_any = sizes.to(dev) > 0
-    maxes = torch.where(has_any.unsqueeze(1), g[:, 1], torch.full_like(g[:, 1], float("-inf")))
+    maxes = torch.where((sizes.to(dev) > 0).unsqueeze(1), g[:, 1], torch.full_like(g[:, 1], float("-inf")))
     pred = g[:, 2].gather(0, torch.argmax(maxes, 0, keepdim=True)).squeeze(0).long()
-    # 2. this shard's loss contribution, target mass and owned class weight -> all-reduce
-    t, owned_w, valid, bad = _local_targets(tgt, opts, w, offset, Cr, C, M, acc, dev)
-    d = torch.where(t == 0, torch.zeros_like(t), t * (m_r.unsqueeze(1) - xs)).sum(1) if Cr else torch.zeros_like(m_r)
-    T_r = t.sum(1)
+    # 2. this shard's loss contribution, target mass and owned class weight -> one all-reduce
+    lt = _local_targets(tgt, opts, w, offset, Cr, C, M, acc, dev)
+    T_r, d = lt.mass_and_sums(xs, m_r) if Cr else (torch.zeros_like(m_r), torch.zeros_like(m_r))
     part = torch.where(T_r == 0, torch.zeros_like(T_r), T_r * (lse - m_r)) + d
-    packed = torch.stack([part, T_r, owned_w], 1)
+    packed = torch.stack([part, T_r, lt.owned_w], 1)
     dist.all_reduce(packed, group=group)
-    ce = packed[:, 0].masked_fill(bad, float("nan"))
-    if valid is not None:
-        ce = torch.where(valid, ce, torch.zeros_like(ce))
+    ce = packed[:, 0].masked_fill(lt.bad, float("nan"))
+    if lt.valid is not None:
+        ce = torch.where(lt.valid, ce, torch.zeros_like(ce))
     z = None
     if opts.z_loss:
         z = opts.z_loss * lse.square()
-        z = torch.where(valid, z, torch.zeros_like(z)) if valid is not None else z
+        z = torch.where(lt.valid, z, torch.zeros_like(z)) if lt.valid is not None else z
     pos_shape = torch.Size(input.shape[:cdim] + input.shape[cdim + 1:])
     red = plan_reduction(tgt, opts, acc, dev, pos_shape, out_dtype,
                          weight_sum=packed[:, 2].sum() if (w is not None and isinstance(tgt, IndexTarget)) else None)
-    shard = _Shard(RowTerms(ce, z, lse, pred if opts.return_extras else None), lse, packed[:, 1], t, xs, th, valid)
-    return shard, tgt, red, (P, Cr, Q)
+    terms = RowTerms(ce, z, lse, pred if opts.return_extras else None)
+    return _Shard(terms, e, ref, lse, packed[:, 1], lt, th), tgt, red, (P, Cr, Q)
+
+
+def _target_shape(input: Tensor, target, cdim: int, C: int) -> "_LikeLogits":
+    """The logits the target is checked against: the full vocabulary, or this shard for a shard of the
+    probabilities (a float target with the input's shape)."""
+    Cr = input.shape[cdim]
+    if isinstance(target, Tensor) and target.dtype.is_floating_point and target.dim() == input.dim() \
+            and target.shape[cdim] == Cr and Cr != C:
+        return _LikeLogits(input.shape, input.device)
+    return _LikeLogits(input.shape[:cdim] + (C,) + input.shape[cdim + 1:], input.device)
 
 
 class _LikeLogits:
