@@ -97,8 +97,20 @@ def cross_entropy(input: Tensor, target, weight: Optional[Tensor] = None, ignore
             Refused for a leaf that requires grad (a parameter) or a view of
             one, and for self-overlapping memory (``expand``). Fused impls
             only. Default: ``False``.
-        process_group (ProcessGroup, optional): vocab-parallel mode (the
-            input holds this rank's shard of the classes). Default: ``None``.
+        process_group (ProcessGroup, optional): vocab-parallel mode: the
+            input's class dim holds this rank's contiguous shard of the
+            vocabulary (ranks in order, shards may be uneven or empty), and
+            ``weight`` this rank's shard of the class weights. Every rank gets
+            the loss over the full vocabulary (label smoothing, weighted mean,
+            z-loss, extras all global) and the gradient of its shard; the
+            target is the full one (indices, one-hot, probabilities or a
+            SparseTarget; probabilities may also be this rank's shard). Two
+            collectives of O(N) numbers in the forward, none in the backward,
+            none when the group has one rank. It runs on torch ops for every
+            ``impl`` (not the fused kernels), without double backward. A
+            ``DTensor`` input sharded on the class dim is vocab-parallel with
+            no extra argument and gives a replicated DTensor loss.
+            Default: ``None``.
         return_extras (bool, optional): also return a dict with per-position
             ``lse``, ``z_loss`` and ``predicted`` class (detached). Default: ``False``.
 
@@ -294,7 +306,18 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target, linear_bi
             memory; at least 32 rows). On CPU in
             float32 the chunk matmuls run on oneDNN (``CROSSENT_ONEDNN=0``:
             ``torch.mm`` instead).
-        process_group: vocab-parallel mode (not available yet).
+        process_group (ProcessGroup, optional): vocab-parallel mode:
+            ``linear_weight`` (and ``linear_bias``) hold this rank's rows of the
+            vocabulary, ``input`` is replicated. Each rank builds the logits of
+            its shard (not chunked) and runs vocab-parallel
+            :func:`crossent.cross_entropy` on them; the weight gradient needs no
+            communication. A ``DTensor`` ``linear_weight`` sharded on dim 0 (an
+            lm_head under ``ColwiseParallel``) is vocab-parallel with no extra
+            argument. Default: ``None``.
+        reduce_input_grad (bool, optional): with ``process_group``, sum the
+            input's gradient over the ranks in the backward (one all-reduce);
+            ``False`` when a Megatron-style layer already reduces it.
+            Default: ``True``.
         filter_eps (float, optional): triton only: skip the backward's
             (row block, vocab tile) pairs whose logit gradient is below this
             everywhere (an approximation that saves time when the softmax is
