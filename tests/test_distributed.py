@@ -207,3 +207,44 @@ def test_vocab_parallel_equals_single_process(sizes, tmp_path):
 def test_process_group_without_init_is_a_clear_error():
     with pytest.raises(ValueError, match="init_process_group"):
         crossent.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), process_group=object())
+
+
+def _refusing_worker(rank: int, world: int, port: int, result_dir: str):
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=60))
+        x, t = torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
+        for checks in (True, False):  # checks off, the refusal travels with the forward's all-gather
+            with crossent.checks(checks):
+                crossent.cross_entropy(x, t, process_group=dist.group.WORLD)  # learn the sizes
+                bad = dict(label_smoothing=2.0) if rank == 1 else {}
+                with pytest.raises(ValueError, match="label_smoothing" if rank == 1 else r"rank\(s\) \[1\] refused"):
+                    crossent.cross_entropy(x, t, process_group=dist.group.WORLD, **bad)
+        # a target that only one rank gets wrong (checks on: checked against the global vocabulary)
+        tt = torch.tensor([0, 1, 2, 99]) if rank == 0 else t
+        with pytest.raises(ValueError, match="out of range" if rank == 0 else "refused its target"):
+            crossent.cross_entropy(x, tt, process_group=dist.group.WORLD)
+        dist.destroy_process_group()
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        with open(os.path.join(result_dir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+def test_a_rank_that_refuses_its_arguments_stops_every_rank(tmp_path):
+    import time
+
+    ctx = mp.start_processes(_refusing_worker, args=(3, _free_port(), str(tmp_path)), nprocs=3, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + 120
+    try:
+        while not ctx.join(timeout=5):
+            if time.monotonic() > deadline:
+                pytest.fail("ranks still running after 120 s: a refusal left the others waiting")
+    except Exception:
+        errs = "\n".join(p.read_text() for p in sorted(tmp_path.glob("rank*.err")))
+        pytest.fail(f"a rank failed:\n{errs}")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()

@@ -49,22 +49,35 @@ def world_size(group) -> int:
     return dist.get_world_size(group)
 
 
-def shard_sizes(group, classes: int, positions: int, device: torch.device) -> Tensor:
-    """Every rank's number of classes (``[world]`` int64 on the host). While checks are on, every call
-    exchanges ``(classes, positions)`` and raises on every rank if the positions differ."""
+def shard_sizes(group, classes: int, positions: int, device: torch.device,
+                error: Optional[BaseException] = None) -> Tensor:
+    """Every rank's number of classes (``[world]`` int64 on the host). While checks are on (or when this
+    rank has refused its arguments), every call exchanges ``(classes, positions, refused)``: different
+    positions, or a rank that refused, raise on every rank instead of leaving the others waiting."""
     key = (id(group), classes, str(device))
-    if not CONFIG.checks and key in _SIZES:
+    if not CONFIG.checks and key in _SIZES:  # a refusal travels with the forward's all-gather instead
         return _SIZES[key]
-    mine = torch.tensor([classes, positions], dtype=torch.int64, device=device)
+    mine = torch.tensor([classes, positions, int(error is not None)], dtype=torch.int64, device=device)
     everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(everyone, mine, group=group)
     table = torch.stack(everyone).cpu()
+    _raise_if_refused(error, table[:, 2], "its arguments")
     if bool((table[:, 1] != table[0, 1]).any()):
         raise ValueError(f"vocab-parallel cross_entropy: the ranks hold different numbers of positions "
                          f"{table[:, 1].tolist()} (rank r has row r): every rank must pass the same positions "
                          "(the full batch) with its own shard of the classes")
     _SIZES[key] = table[:, 0]
     return _SIZES[key]
+
+
+def _raise_if_refused(error: Optional[BaseException], refused: Tensor, what: str) -> None:
+    """Every rank raises when any refused: its own error, or one naming the ranks that refused."""
+    if error is not None:
+        raise error
+    if bool(refused.any()):
+        ranks = refused.nonzero().reshape(-1).tolist()
+        raise ValueError(f"vocab-parallel cross_entropy: rank(s) {ranks} refused {what} (their error says why); "
+                         "every rank stops here instead of waiting for them")
 
 
 @dataclass
@@ -186,17 +199,23 @@ def _local_targets(tgt: Target, opts: Options, w: Optional[Tensor], offset: int,
 
 
 def vocab_parallel_terms(input: Tensor, target, cdim: int, target_format: str, opts: Options, group,
-                         out_dtype: torch.dtype):
+                         out_dtype: torch.dtype, error: Optional[BaseException] = None):
     """``(_Shard, typed target, Reduction, shape3)`` of a vocab-parallel cross-entropy: the collectives
     and the per-position terms (no autograd); the caller runs the gradient through the fused Function."""
     P, Cr = math.prod(input.shape[:cdim]), input.shape[cdim]
     Q = math.prod(input.shape[cdim + 1:])
     M, dev, acc = P * Q, input.device, acc_dtype(input.dtype)
-    sizes = shard_sizes(group, Cr, M, dev)
+    sizes = shard_sizes(group, Cr, M, dev, error)
+    if error is not None:  # checks off: go on with defaults to the all-gather, which carries the refusal
+        opts = Options()
     rank = dist.get_rank(group)
     offset, C = int(sizes[:rank].sum()), int(sizes.sum())
     w = opts.class_weight(acc)
-    tgt = normalize_target(target, _target_shape(input, target, cdim, C), cdim, target_format, opts.ignore_index)
+    try:  # checked against the global vocabulary; a refusal travels with the next collective
+        tgt = normalize_target(target, _target_shape(input, target, cdim, C), cdim, target_format,
+                               opts.ignore_index)
+    except (ValueError, TypeError) as e:
+        error, tgt = e, None
 
     x = _rows(input.reshape(P, Cr, Q).detach(), acc)
     th = torch.tanh(x / opts.softcap) if opts.softcap is not None else None
@@ -211,10 +230,12 @@ def vocab_parallel_terms(input: Tensor, target, cdim: int, target_format: str, o
     ref = torch.where(torch.isfinite(m_r), m_r, torch.zeros_like(m_r))
     e = torch.exp(xs - ref.unsqueeze(1))
     lse_r = torch.where(torch.isinf(m_r), m_r, ref + torch.log(e.sum(1)))
-    stats = torch.stack([lse_r.double(), raw_max.double(), (raw_arg + offset).double()])
+    stats = torch.stack([lse_r.double(), raw_max.double(), (raw_arg + offset).double(),
+                         torch.full_like(lse_r, float(error is not None), dtype=torch.float64)])
     gathered = [torch.empty_like(stats) for _ in range(len(sizes))]
     dist.all_gather(gathered, stats, group=group)
-    g = torch.stack(gathered)  # [W, 3, M]
+    g = torch.stack(gathered)  # [W, 4, M]
+    _raise_if_refused(error, g[:, 3, 0] > 0 if M else torch.zeros(len(sizes), dtype=torch.bool), "its target")
     lse = torch.logsumexp(g[:, 0], 0).to(acc)
     maxes = torch.where((sizes.to(dev) > 0).unsqueeze(1), g[:, 1], torch.full_like(g[:, 1], float("-inf")))
     pred = g[:, 2].gather(0, torch.argmax(maxes, 0, keepdim=True)).squeeze(0).long()

@@ -154,11 +154,14 @@ def cross_entropy(input: Tensor, target, weight: Optional[Tensor] = None, ignore
     C = input.shape[cdim]
     if C == 0 and process_group is None:  # a vocab-parallel rank may hold no classes
         raise ValueError(f"input {list(input.shape)} has 0 classes at dim {cdim}")
-    opts = make_options(classes=C, device=input.device, weight=weight, ignore_index=ignore_index,
-                        reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-                        num_items=num_items, inplace_backward=inplace_backward, return_extras=return_extras)
+    def options():
+        return make_options(classes=C, device=input.device, weight=weight, ignore_index=ignore_index,
+                            reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                            num_items=num_items, inplace_backward=inplace_backward, return_extras=return_extras)
+
     if process_group is not None and world_size(process_group) > 1:
-        return _vocab_parallel(input, target, cdim, check_target_format(target_format), opts, process_group)
+        return _vocab_parallel(input, target, cdim, target_format, options, process_group)
+    opts = options()
     tgt = normalize_target(target, input, cdim, check_target_format(target_format), opts.ignore_index)
     _guard_logits(input, tgt, opts)
     input = _promoted(input, tgt)
@@ -182,19 +185,27 @@ def cross_entropy(input: Tensor, target, weight: Optional[Tensor] = None, ignore
     return _finish(loss, lse, z, pred, pos_shape, tgt, target, opts)
 
 
-def _vocab_parallel(input: Tensor, target, cdim: int, target_format: str, opts: Options, group):
+def _vocab_parallel(input: Tensor, target, cdim: int, target_format: str, options, group):
     """The input holds this rank's shard of the classes: collectives in :mod:`crossent.distributed`,
-    the gradient through the fused autograd Function (the same path for every ``impl``)."""
-    if not torch.compiler.is_compiling():
-        check_not_overwritten(input)
-        if opts.inplace_backward:
-            check_inplace(input)
-    autocast_off, out_dtype = _autocast_off(input)
-    with autocast_off:
-        shard, tgt, red, shape3 = vocab_parallel_terms(input, target, cdim, target_format, opts, group, out_dtype)
+    the gradient through the fused autograd Function (the same path for every ``impl``). What this rank
+    refuses travels with the first exchange, so that every rank raises instead of waiting for it."""
+    opts, error = None, None
+    try:
+        opts = options()
+        check_target_format(target_format)
+        if not torch.compiler.is_compiling():
+            check_not_overwritten(input)
+            if opts.inplace_backward:
+                check_inplace(input)
         if torch.is_grad_enabled() and opts.weight is not None and opts.weight.requires_grad:
             raise ValueError("weight requires grad, but vocab-parallel cross_entropy does not differentiate class "
                              "weights; pass weight.detach()")
+    except (ValueError, TypeError, RuntimeError) as e:
+        error = e
+    autocast_off, out_dtype = _autocast_off(input)
+    with autocast_off:
+        shard, tgt, red, shape3 = vocab_parallel_terms(input, target, cdim, target_format, opts, group, out_dtype,
+                                                       error)
         loss, lse, z, pred = fused_cross_entropy(input, FusedCall(shard, tgt, opts, red, shape3, cdim,
                                                                   torch.is_grad_enabled()))
     return _finish(loss, lse, z, pred, torch.Size(input.shape[:cdim] + input.shape[cdim + 1:]), tgt, target, opts)
