@@ -107,6 +107,17 @@ def _worker(rank: int, world: int, port: int, sizes, result_dir: str):
             loss.backward()
         counts = {str(k).split(".")[-1]: v for k, v in fwd.get_comm_counts().items()}
         assert sum(counts.values()) == 2 and bwd.get_total_counts() == 0, (counts, bwd.get_comm_counts())
+        # O(N) numbers per collective, whatever the vocabulary: record what crosses
+        sent = []
+        real_gather, real_reduce = dist.all_gather, dist.all_reduce
+        dist.all_gather = lambda out, t, **kw: sent.append(t.numel()) or real_gather(out, t, **kw)
+        dist.all_reduce = lambda t, **kw: sent.append(t.numel()) or real_reduce(t, **kw)
+        try:
+            with crossent.checks(False):
+                crossent.cross_entropy(xs, t, label_smoothing=0.1, process_group=dist.group.WORLD)
+        finally:
+            dist.all_gather, dist.all_reduce = real_gather, real_reduce
+        assert len(sent) == 2 and max(sent) <= 4 * N, sent
         _check_linear(rank, world, lo, hi, C)
         _check_dtensor(rank, world, C)
         # a label past the global vocabulary raises on every rank
@@ -151,6 +162,17 @@ def _check_linear(rank, world, lo, hi, C):
                                                              reduce_input_grad=False, **kw), x)[0]
     dist.all_reduce(part)
     assert torch.allclose(part, rg[0], **tol)
+    # the backward's collectives: one all-reduce of the input gradient, none when switched off
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    for reduce_input_grad, expected in ((True, 1), (False, 0)):
+        x = h.clone().requires_grad_(True)
+        with crossent.checks(False):
+            loss = crossent.linear_cross_entropy(x, W[lo:hi], y, b[lo:hi], process_group=dist.group.WORLD,
+                                                 reduce_input_grad=reduce_input_grad, **kw)
+        with CommDebugMode() as bwd:
+            loss.backward()
+        assert bwd.get_total_counts() == expected, bwd.get_comm_counts()
 
 
 def _check_dtensor(rank, world, C):

@@ -86,8 +86,7 @@ class _Shard:
     the gradient of this rank's shard (formed from the global lse, no collective)."""
 
     terms: RowTerms
-    e: Tensor  # [M, C_r] exp(xs - ref): becomes the gradient
-    ref: Tensor  # [M] this shard's reference point (its max, 0 where that is not finite)
+    xs: Tensor  # [M, C_r] this shard's logits after softcap (a view of the input without softcap)
     lse: Tensor  # [M] global
     mass: Tensor  # [M] T, the global target mass
     targets: "_LocalTargets"
@@ -105,7 +104,11 @@ class _Shard:
         coef = self.mass * g
         if opts.z_loss:
             coef = coef + torch.where(on, 2 * opts.z_loss * red.z_scale, 0.0) * self.lse
-        p = self.e.mul_((torch.exp(self.ref - self.lse) * coef).unsqueeze(1))  # coef * softmax, in place
+        # softmax over the full vocabulary, straight into the gradient buffer when it is a plain view
+        dst = grad3[:, :, 0] if Q == 1 else None
+        direct = dst is not None and dst.dtype == self.xs.dtype and dst.is_contiguous()
+        p = torch.sub(self.xs, self.lse.unsqueeze(1), out=dst if direct else None).exp_()
+        p.mul_(coef.unsqueeze(1))
         if lt.t is not None:
             p.sub_(g.unsqueeze(1) * lt.t)
         else:
@@ -115,7 +118,8 @@ class _Shard:
                 p.addr_(g * lt.rows_on, lt.smooth, alpha=-1)
         if self.th is not None:
             p.mul_(1 - self.th.square())
-        grad3.copy_(p.reshape(P, Q, Cr).transpose(1, 2))
+        if not direct:
+            grad3.copy_(p.reshape(P, Q, Cr).transpose(1, 2))
         return self.terms
 
 
@@ -228,8 +232,7 @@ def vocab_parallel_terms(input: Tensor, target, cdim: int, target_format: str, o
         m_r = raw_max = torch.full((M,), float("-inf"), dtype=acc, device=dev)
         raw_arg = torch.zeros(M, dtype=torch.long, device=dev)
     ref = torch.where(torch.isfinite(m_r), m_r, torch.zeros_like(m_r))
-    e = torch.exp(xs - ref.unsqueeze(1))
-    lse_r = torch.where(torch.isinf(m_r), m_r, ref + torch.log(e.sum(1)))
+    lse_r = torch.where(torch.isinf(m_r), m_r, ref + torch.log((xs - ref.unsqueeze(1)).exp_().sum(1)))
     stats = torch.stack([lse_r.double(), raw_max.double(), (raw_arg + offset).double(),
                          torch.full_like(lse_r, float(error is not None), dtype=torch.float64)])
     gathered = [torch.empty_like(stats) for _ in range(len(sizes))]
@@ -256,7 +259,7 @@ def vocab_parallel_terms(input: Tensor, target, cdim: int, target_format: str, o
     red = plan_reduction(tgt, opts, acc, dev, pos_shape, out_dtype,
                          weight_sum=packed[:, 2].sum() if (w is not None and isinstance(tgt, IndexTarget)) else None)
     terms = RowTerms(ce, z, lse, pred if opts.return_extras else None)
-    return _Shard(terms, e, ref, lse, packed[:, 1], lt, th), tgt, red, (P, Cr, Q)
+    return _Shard(terms, xs, lse, packed[:, 1], lt, th), tgt, red, (P, Cr, Q)
 
 
 def _target_shape(input: Tensor, target, cdim: int, C: int) -> "_LikeLogits":
