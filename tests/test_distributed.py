@@ -93,20 +93,19 @@ def _worker(rank: int, world: int, port: int, sizes, result_dir: str):
             assert torch.allclose(gs, gr[:, lo:hi], **tol), (name, (gs - gr[:, lo:hi]).abs().max())
             assert torch.allclose(extras["lse"], rex["lse"], **tol), name
             assert torch.equal(extras["predicted"], rex["predicted"]), name
-        # collectives: with checks off (sizes learned once), forward = one all-gather of O(N) stats and
-        # one packed all-reduce [N, 3]; the backward none
+        # collectives: forward = an exchange of 4 numbers per rank (shard size, positions, refusal, options),
+        # one all-gather of O(N) stats and one packed all-reduce [N, 4]; the backward none
         from torch.distributed.tensor.debug import CommDebugMode
 
         x, t = _inputs("index", N, C, seed=0)
         xs = x[:, lo:hi].clone().requires_grad_(True)
         with crossent.checks(False):
-            crossent.cross_entropy(xs, t, process_group=dist.group.WORLD)  # learns the shard sizes
             with CommDebugMode() as fwd:
                 loss = crossent.cross_entropy(xs, t, label_smoothing=0.1, process_group=dist.group.WORLD)
         with CommDebugMode() as bwd:
             loss.backward()
         counts = {str(k).split(".")[-1]: v for k, v in fwd.get_comm_counts().items()}
-        assert sum(counts.values()) == 2 and bwd.get_total_counts() == 0, (counts, bwd.get_comm_counts())
+        assert sum(counts.values()) == 3 and bwd.get_total_counts() == 0, (counts, bwd.get_comm_counts())
         # O(N) numbers per collective, whatever the vocabulary: record what crosses
         sent = []
         real_gather, real_reduce = dist.all_gather, dist.all_reduce
@@ -117,7 +116,7 @@ def _worker(rank: int, world: int, port: int, sizes, result_dir: str):
                 crossent.cross_entropy(xs, t, label_smoothing=0.1, process_group=dist.group.WORLD)
         finally:
             dist.all_gather, dist.all_reduce = real_gather, real_reduce
-        assert len(sent) == 2 and max(sent) <= 4 * N, sent
+        assert len(sent) == 3 and max(sent) <= 4 * N, sent
         _check_linear(rank, world, lo, hi, C)
         _check_dtensor(rank, world, C)
         # a label past the global vocabulary raises on every rank
@@ -263,6 +262,91 @@ def test_a_rank_that_refuses_its_arguments_stops_every_rank(tmp_path):
         while not ctx.join(timeout=5):
             if time.monotonic() > deadline:
                 pytest.fail("ranks still running after 120 s: a refusal left the others waiting")
+    except Exception:
+        errs = "\n".join(p.read_text() for p in sorted(tmp_path.glob("rank*.err")))
+        pytest.fail(f"a rank failed:\n{errs}")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+
+
+def _agreement_worker(rank: int, world: int, port: int, result_dir: str):
+    """What the fourth hostile probe found: disagreements between ranks raise on every rank, stale shard
+    sizes cannot arise, and the single-process numbers hold at the edges."""
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=60))
+        W = dist.group.WORLD
+        g = torch.Generator().manual_seed(5)
+        x = torch.randn(4, 13, generator=g, dtype=torch.float64)
+        y = torch.tensor([0, 5, 12, 7])
+        lo, hi = (0, 4) if rank == 0 else (4, 13)
+        mine = x[:, lo:hi]
+        refused_elsewhere = r"rank\(s\) \[\d\] refused"
+        # options, dtypes and arguments that differ between ranks
+        for kw in (dict(label_smoothing=0.1 * rank), dict(reduction=["mean", "sum"][rank]),
+                   dict(softcap=[None, 2.0][rank])):
+            with pytest.raises(ValueError, match="different options"):
+                crossent.cross_entropy(mine, y, process_group=W, **kw)
+        with pytest.raises(ValueError, match="different options"):
+            crossent.cross_entropy(mine.float() if rank else mine, y, process_group=W)
+        with pytest.raises((ValueError, TypeError), match="dim=5" if rank == 0 else refused_elsewhere):
+            crossent.cross_entropy(mine, y, process_group=W, dim=5 if rank == 0 else 1)
+        with pytest.raises(ValueError, match="impl" if rank == 1 else refused_elsewhere):
+            crossent.cross_entropy(mine, y, process_group=W, impl="bogus" if rank == 1 else "auto")
+        h = torch.randn(4, 6, generator=g, dtype=torch.float64)
+        Wt = torch.randn(13, 6, generator=g, dtype=torch.float64)
+        with pytest.raises(ValueError, match="hidden size" if rank == 1 else refused_elsewhere):
+            crossent.linear_cross_entropy(h[:, :3] if rank == 1 else h, Wt[lo:hi], y, process_group=W)
+        # checks off, two heads of different splits on the same group: no stale sizes
+        with crossent.checks(False):
+            for split in ((0, 4), (0, 9)):
+                cut = split[1]
+                part = x[:, :cut] if rank == 0 else x[:, cut:]
+                got = crossent.cross_entropy(part, y, label_smoothing=0.1, process_group=W)
+                assert torch.allclose(got, torch.nn.functional.cross_entropy(x, y, label_smoothing=0.1), rtol=1e-10)
+        # a label on a shard that is all -inf: +inf, as in one process
+        xd = x.clone()
+        xd[:, :4] = float("-inf")
+        got = crossent.cross_entropy(xd[:, lo:hi], torch.tensor([0, 1, 5, 6]), reduction="none", process_group=W)
+        ref = torch.nn.functional.cross_entropy(xd, torch.tensor([0, 1, 5, 6]), reduction="none")
+        assert torch.equal(torch.isinf(got), torch.isinf(ref)) and torch.allclose(got[2:], ref[2:], rtol=1e-10)
+        # +inf in one shard: NaN gradient for the row on every rank, as in one process
+        xi = x.clone()
+        xi[0, 8] = float("inf")
+        xs = xi[:, lo:hi].clone().requires_grad_(True)
+        crossent.cross_entropy(xs, y, process_group=W).backward()
+        assert torch.isnan(xs.grad[0]).all() and torch.isfinite(xs.grad[1:]).all()
+        # float64 probabilities promote float32 logits, as in one process
+        q = torch.softmax(torch.randn(4, 13, generator=g, dtype=torch.float64), 1)
+        got = crossent.cross_entropy(x[:, lo:hi].float(), q, process_group=W)
+        assert got.dtype == torch.float64
+        # a DTensor lm_head with return_extras
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        mesh = init_device_mesh("cpu", (world,))
+        loss, ex = crossent.linear_cross_entropy(h, distribute_tensor(Wt, mesh, [Shard(0)]), y, return_extras=True)
+        assert torch.allclose(loss.full_tensor(), torch.nn.functional.cross_entropy(h @ Wt.T, y), rtol=1e-10)
+        assert torch.equal(ex["predicted"], (h @ Wt.T).argmax(1))
+        dist.destroy_process_group()
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        with open(os.path.join(result_dir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+def test_ranks_that_disagree_raise_everywhere_and_edges_match_one_process(tmp_path):
+    import time
+
+    ctx = mp.start_processes(_agreement_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + 120
+    try:
+        while not ctx.join(timeout=5):
+            if time.monotonic() > deadline:
+                pytest.fail("ranks still running after 120 s: a disagreement left a rank waiting")
     except Exception:
         errs = "\n".join(p.read_text() for p in sorted(tmp_path.glob("rank*.err")))
         pytest.fail(f"a rank failed:\n{errs}")

@@ -22,24 +22,21 @@ the backward needs no collective. It runs through the same autograd Function as 
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .config import CONFIG
 from .impl.common import RowTerms, acc_dtype
 from .options import Options
 from .reduction import Reduction, plan_reduction
-from .targets import IndexTarget, ProbsTarget, Target, _fmt, normalize_target
+from .targets import IndexTarget, ProbsTarget, Target, _fmt, normalize_target, promoted_dtype
 
 __all__ = ["world_size", "shard_sizes", "vocab_parallel_terms", "copy_to_vocab_parallel", "is_dtensor",
            "dtensor_logits", "dtensor_linear_args"]
-
-_SIZES: Dict[Tuple[int, int, str], Tensor] = {}
-
 
 def world_size(group) -> int:
     """The group's size (1 when torch.distributed is not initialised: nothing to reduce)."""
@@ -49,15 +46,37 @@ def world_size(group) -> int:
     return dist.get_world_size(group)
 
 
-def shard_sizes(group, classes: int, positions: int, device: torch.device,
-                error: Optional[BaseException] = None) -> Tensor:
-    """Every rank's number of classes (``[world]`` int64 on the host). While checks are on (or when this
-    rank has refused its arguments), every call exchanges ``(classes, positions, refused)``: different
-    positions, or a rank that refused, raise on every rank instead of leaving the others waiting."""
-    key = (id(group), classes, str(device))
-    if not CONFIG.checks and key in _SIZES:  # a refusal travels with the forward's all-gather instead
-        return _SIZES[key]
-    mine = torch.tensor([classes, positions, int(error is not None)], dtype=torch.int64, device=device)
+def _fingerprint(opts: Optional[Options], dtype) -> int:
+    """A number every rank must agree on: the options that change the loss, and the logits' dtype."""
+    if opts is None:
+        return 0
+    key = (opts.ignore_index, opts.reduction, opts.label_smoothing, opts.z_loss, opts.softcap,
+           opts.weight is not None, opts.num_items is not None, opts.return_extras, str(dtype))
+    return zlib.crc32(repr(key).encode())
+
+
+def _exchange_device(group, input) -> torch.device:
+    if isinstance(input, Tensor) and not is_dtensor(input):
+        return input.device
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" \
+        else torch.device("cpu")
+
+
+def refuse_vocab_parallel(group, error: BaseException, input) -> None:
+    """This rank refuses its arguments: take part in the exchange the others are in, then raise."""
+    shard_sizes(group, -1, -1, _exchange_device(group, input), error=error)
+    raise error  # unreachable: shard_sizes raised it
+
+
+def shard_sizes(group, classes: int, positions: int, device: torch.device, error: Optional[BaseException] = None,
+                opts: Optional[Options] = None, dtype=None) -> Tensor:
+    """Every rank's number of classes (``[world]`` int64 on the host), from one all-gather of
+    ``(classes, positions, refused, fingerprint)`` per rank at every call (a few numbers; a cache
+    could go stale between heads of different sizes). Ranks that disagree on the positions, the
+    options or the dtype, or a rank that refused its arguments, make every rank raise instead of
+    leaving the others waiting."""
+    mine = torch.tensor([classes, positions, int(error is not None), _fingerprint(opts, dtype)],
+                        dtype=torch.int64, device=device)
     everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(everyone, mine, group=group)
     table = torch.stack(everyone).cpu()
@@ -66,8 +85,11 @@ def shard_sizes(group, classes: int, positions: int, device: torch.device,
         raise ValueError(f"vocab-parallel cross_entropy: the ranks hold different numbers of positions "
                          f"{table[:, 1].tolist()} (rank r has row r): every rank must pass the same positions "
                          "(the full batch) with its own shard of the classes")
-    _SIZES[key] = table[:, 0]
-    return _SIZES[key]
+    if bool((table[:, 3] != table[0, 3]).any()):
+        raise ValueError("vocab-parallel cross_entropy: the ranks were called with different options or logits "
+                         "dtypes (label_smoothing, z_loss, softcap, ignore_index, reduction, weight, num_items, "
+                         "return_extras, dtype must agree): pass the same ones on every rank")
+    return table[:, 0]
 
 
 def _raise_if_refused(error: Optional[BaseException], refused: Tensor, what: str) -> None:
@@ -118,6 +140,9 @@ class _Shard:
                 p.addr_(g * lt.rows_on, lt.smooth, alpha=-1)
         if self.th is not None:
             p.mul_(1 - self.th.square())
+        # a row whose global lse is not finite (+inf or NaN anywhere, or all -inf) has a NaN softmax on
+        # every rank, as in one process: no rank keeps a finite gradient for it
+        p.masked_fill_(~torch.isfinite(self.lse).unsqueeze(1), float("nan"))
         if not direct:
             grad3.copy_(p.reshape(P, Q, Cr).transpose(1, 2))
         return self.terms
@@ -138,7 +163,8 @@ class _LocalTargets:
     bad: Tensor  # [M] bool: a label out of the global range
 
     def mass_and_sums(self, xs: Tensor, m_r: Tensor) -> Tuple[Tensor, Tensor]:
-        """``(T_r, sum_c t_c (m_r - x_c))`` per row, without cancellation (terms >= 0; ``0 * inf`` = 0)."""
+        """``(T_r, sum_c t_c (m_r - x_c))`` per row against a reference ``m_r`` (the shard's max: terms
+        >= 0, no cancellation; ``0 * inf`` counts 0)."""
         M = xs.shape[0]
         zero = torch.zeros((), dtype=xs.dtype, device=xs.device)
         if self.t is not None:
@@ -203,23 +229,26 @@ def _local_targets(tgt: Target, opts: Options, w: Optional[Tensor], offset: int,
 
 
 def vocab_parallel_terms(input: Tensor, target, cdim: int, target_format: str, opts: Options, group,
-                         out_dtype: torch.dtype, error: Optional[BaseException] = None):
+                         out_dtype: torch.dtype):
     """``(_Shard, typed target, Reduction, shape3)`` of a vocab-parallel cross-entropy: the collectives
     and the per-position terms (no autograd); the caller runs the gradient through the fused Function."""
     P, Cr = math.prod(input.shape[:cdim]), input.shape[cdim]
     Q = math.prod(input.shape[cdim + 1:])
     M, dev, acc = P * Q, input.device, acc_dtype(input.dtype)
-    sizes = shard_sizes(group, Cr, M, dev, error)
-    if error is not None:  # checks off: go on with defaults to the all-gather, which carries the refusal
-        opts = Options()
+    sizes = shard_sizes(group, Cr, M, dev, opts=opts, dtype=input.dtype)
     rank = dist.get_rank(group)
     offset, C = int(sizes[:rank].sum()), int(sizes.sum())
     w = opts.class_weight(acc)
+    error = None
     try:  # checked against the global vocabulary; a refusal travels with the next collective
         tgt = normalize_target(target, _target_shape(input, target, cdim, C), cdim, target_format,
                                opts.ignore_index)
     except (ValueError, TypeError) as e:
         error, tgt = e, None
+    if tgt is not None:  # PyTorch's promotion with soft targets (float32 logits, float64 probabilities)
+        dtype = promoted_dtype(input.dtype, tgt)
+        acc = acc_dtype(dtype)
+        out_dtype = dtype if out_dtype == input.dtype else out_dtype
 
     x = _rows(input.reshape(P, Cr, Q).detach(), acc)
     th = torch.tanh(x / opts.softcap) if opts.softcap is not None else None
@@ -244,11 +273,12 @@ def vocab_parallel_terms(input: Tensor, target, cdim: int, target_format: str, o
     pred = g[:, 2].gather(0, torch.argmax(maxes, 0, keepdim=True)).squeeze(0).long()
     # 2. this shard's loss contribution, target mass and owned class weight -> one all-reduce
     lt = _local_targets(tgt, opts, w, offset, Cr, C, M, acc, dev)
-    T_r, d = lt.mass_and_sums(xs, m_r) if Cr else (torch.zeros_like(m_r), torch.zeros_like(m_r))
-    part = torch.where(T_r == 0, torch.zeros_like(T_r), T_r * (lse - m_r)) + d
-    packed = torch.stack([part, T_r, lt.owned_w], 1)
+    # sums against ref (the shard's max, 0 for a shard of -inf: a label there gives +inf, not -inf - -inf)
+    T_r, d = lt.mass_and_sums(xs, ref) if Cr else (torch.zeros_like(m_r), torch.zeros_like(m_r))
+    part = torch.where(T_r == 0, torch.zeros_like(T_r), T_r * (lse - ref)) + d
+    packed = torch.stack([part, T_r, lt.owned_w, lt.bad.to(acc)], 1)  # a bad label anywhere: NaN everywhere
     dist.all_reduce(packed, group=group)
-    ce = packed[:, 0].masked_fill(lt.bad, float("nan"))
+    ce = packed[:, 0].masked_fill(packed[:, 3] > 0, float("nan"))
     if lt.valid is not None:
         ce = torch.where(lt.valid, ce, torch.zeros_like(ce))
     z = None

@@ -14,14 +14,15 @@ import torch
 from torch import Tensor
 
 from .distributed import (copy_to_vocab_parallel, dtensor_logits, dtensor_linear_args, is_dtensor,
-                          vocab_parallel_terms, world_size)
+                          refuse_vocab_parallel, vocab_parallel_terms, world_size)
 from .impl.common import acc_dtype
-from .impl.registry import check_supported, resolve
+from .impl.registry import IMPLS, check_supported, resolve
 from .ops import (FusedCall, LinearCall, check_inplace, check_not_overwritten, fused_cross_entropy,
                   fused_linear_cross_entropy, mark_overwritten)
 from .options import Options, check_chunk_size, check_flag, check_shift, check_target_format, make_options
 from .reduction import plan_reduction
-from .targets import ProbsTarget, SparseTarget, Target, TopKTarget, _fmt, check_after, class_dim, normalize_target
+from .targets import (ProbsTarget, SparseTarget, Target, _fmt, check_after, class_dim, normalize_target,
+                      promoted_dtype)
 
 __all__ = ["cross_entropy", "linear_cross_entropy"]
 
@@ -104,9 +105,11 @@ def cross_entropy(input: Tensor, target, weight: Optional[Tensor] = None, ignore
             the loss over the full vocabulary (label smoothing, weighted mean,
             z-loss, extras all global) and the gradient of its shard; the
             target is the full one (indices, one-hot, probabilities or a
-            SparseTarget; probabilities may also be this rank's shard). Two
-            collectives of O(N) numbers in the forward, none in the backward,
-            none when the group has one rank. It runs on torch ops for every
+            SparseTarget; probabilities may also be this rank's shard). In the
+            forward, an exchange of four numbers per rank (ranks that disagree
+            on positions, options or dtype, or that refuse their arguments,
+            raise on every rank) and two collectives of O(N) numbers; none in
+            the backward, none when the group has one rank. It runs on torch ops for every
             ``impl`` (not the fused kernels), without double backward. A
             ``DTensor`` input sharded on the class dim is vocab-parallel with
             no extra argument and gives a replicated DTensor loss.
@@ -146,22 +149,27 @@ def cross_entropy(input: Tensor, target, weight: Optional[Tensor] = None, ignore
                             impl=impl, inplace_backward=inplace_backward, process_group=process_group,
                             return_extras=return_extras)
         return (wrap(out[0]), out[1]) if return_extras else wrap(out)
-    if not isinstance(input, Tensor):
-        raise TypeError(f"input must be a tensor of logits, got {type(input).__name__}")
-    if not input.dtype.is_floating_point:
-        raise TypeError(f"input must be floating logits, got {input.dtype}; use input.float()")
-    cdim = class_dim(input, dim)
-    C = input.shape[cdim]
-    if C == 0 and process_group is None:  # a vocab-parallel rank may hold no classes
-        raise ValueError(f"input {list(input.shape)} has 0 classes at dim {cdim}")
-    def options():
-        return make_options(classes=C, device=input.device, weight=weight, ignore_index=ignore_index,
-                            reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-                            num_items=num_items, inplace_backward=inplace_backward, return_extras=return_extras)
+    def checked():
+        """``(class dim, options)`` after every check of the arguments that needs no data exchange."""
+        if not isinstance(input, Tensor):
+            raise TypeError(f"input must be a tensor of logits, got {type(input).__name__}")
+        if not input.dtype.is_floating_point:
+            raise TypeError(f"input must be floating logits, got {input.dtype}; use input.float()")
+        cdim = class_dim(input, dim)
+        if input.shape[cdim] == 0 and process_group is None:  # a vocab-parallel rank may hold no classes
+            raise ValueError(f"input {list(input.shape)} has 0 classes at dim {cdim}")
+        check_target_format(target_format)
+        if impl not in IMPLS:
+            raise ValueError(f"impl={impl!r} is not one of {', '.join(repr(i) for i in IMPLS)}")
+        return cdim, make_options(classes=input.shape[cdim], device=input.device, weight=weight,
+                                  ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+                                  z_loss=z_loss, softcap=softcap, num_items=num_items,
+                                  inplace_backward=inplace_backward, return_extras=return_extras)
 
     if process_group is not None and world_size(process_group) > 1:
-        return _vocab_parallel(input, target, cdim, target_format, options, process_group)
-    opts = options()
+        return _vocab_parallel(input, target, dim, target_format, checked, process_group)
+    cdim, opts = checked()
+    C = input.shape[cdim]
     tgt = normalize_target(target, input, cdim, check_target_format(target_format), opts.ignore_index)
     _guard_logits(input, tgt, opts)
     input = _promoted(input, tgt)
@@ -185,14 +193,13 @@ def cross_entropy(input: Tensor, target, weight: Optional[Tensor] = None, ignore
     return _finish(loss, lse, z, pred, pos_shape, tgt, target, opts)
 
 
-def _vocab_parallel(input: Tensor, target, cdim: int, target_format: str, options, group):
+def _vocab_parallel(input, target, dim, target_format: str, checked, group):
     """The input holds this rank's shard of the classes: collectives in :mod:`crossent.distributed`,
-    the gradient through the fused autograd Function (the same path for every ``impl``). What this rank
-    refuses travels with the first exchange, so that every rank raises instead of waiting for it."""
-    opts, error = None, None
+    the gradient through the fused autograd Function (the same path for every ``impl``). Whatever this
+    rank refuses travels with the first exchange, so that every rank raises instead of waiting."""
+    cdim = opts = None
     try:
-        opts = options()
-        check_target_format(target_format)
+        cdim, opts = checked()
         if not torch.compiler.is_compiling():
             check_not_overwritten(input)
             if opts.inplace_backward:
@@ -201,11 +208,10 @@ def _vocab_parallel(input: Tensor, target, cdim: int, target_format: str, option
             raise ValueError("weight requires grad, but vocab-parallel cross_entropy does not differentiate class "
                              "weights; pass weight.detach()")
     except (ValueError, TypeError, RuntimeError) as e:
-        error = e
+        refuse_vocab_parallel(group, e, input)
     autocast_off, out_dtype = _autocast_off(input)
     with autocast_off:
-        shard, tgt, red, shape3 = vocab_parallel_terms(input, target, cdim, target_format, opts, group, out_dtype,
-                                                       error)
+        shard, tgt, red, shape3 = vocab_parallel_terms(input, target, cdim, target_format, opts, group, out_dtype)
         loss, lse, z, pred = fused_cross_entropy(input, FusedCall(shard, tgt, opts, red, shape3, cdim,
                                                                   torch.is_grad_enabled()))
     return _finish(loss, lse, z, pred, torch.Size(input.shape[:cdim] + input.shape[cdim + 1:]), tgt, target, opts)
@@ -232,17 +238,8 @@ def _no_jit_trace() -> None:
 def _promoted(input: Tensor, tgt: Target) -> Tensor:
     """PyTorch's type promotion with probability targets: float32 logits and float64 probabilities
     compute (and return) in float64 (top-k values alike)."""
-    dtype = _target_dtype(input.dtype, tgt)
+    dtype = promoted_dtype(input.dtype, tgt)
     return input if dtype == input.dtype else input.to(dtype)
-
-
-def _target_dtype(dtype: torch.dtype, tgt: Target) -> torch.dtype:
-    """``dtype`` promoted with soft targets' (dense or top-k) values."""
-    if isinstance(tgt, ProbsTarget):
-        return torch.promote_types(dtype, tgt.probs.dtype)
-    if isinstance(tgt, TopKTarget):
-        return torch.promote_types(dtype, tgt.values.dtype)
-    return dtype
 
 
 def _autocast_off(input: Tensor):
@@ -361,7 +358,11 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target, linear_bi
         >>> loss.backward()
     """
     _no_jit_trace()
-    chunk_size = check_chunk_size(_chunk_size(chunk_size, options))
+    early = None
+    try:
+        chunk_size = check_chunk_size(_chunk_size(chunk_size, options))
+    except (ValueError, TypeError) as e:
+        early = e  # vocab-parallel: raised on every rank, not on this one alone
     if is_dtensor(linear_weight) or is_dtensor(input):
         input, linear_weight, linear_bias, process_group, wrap = dtensor_linear_args(input, linear_weight,
                                                                                    linear_bias)
@@ -370,17 +371,19 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target, linear_bi
                                     softcap=softcap, num_items=num_items, impl=impl, chunk_size=chunk_size,
                                     process_group=process_group, return_extras=return_extras,
                                     filter_eps=filter_eps, reduce_input_grad=reduce_input_grad)
-        return wrap(loss)
+        return (wrap(loss[0]), loss[1]) if return_extras else wrap(loss)
     if process_group is not None and world_size(process_group) > 1:
-        if filter_eps is not None or chunk_size is not None:
-            raise ValueError("chunk_size and filter_eps do not apply to vocab-parallel linear_cross_entropy (each "
-                             "rank builds the logits of its shard of the vocabulary): leave them unset")
-        return _linear_vocab_parallel(input, linear_weight, target, linear_bias, check_shift(shift),
-                                      process_group, check_flag(reduce_input_grad, "reduce_input_grad"),
+        if early is not None:
+            refuse_vocab_parallel(process_group, early, input)
+        return _linear_vocab_parallel(input, linear_weight, target, linear_bias, shift,
+                                      process_group, reduce_input_grad,
+                                      chunk_size=chunk_size, filter_eps=filter_eps,
                                       weight=weight, ignore_index=-100 if ignore_index is None else ignore_index,
                                       reduction=reduction, label_smoothing=label_smoothing,
                                       target_format=target_format, z_loss=z_loss, softcap=softcap,
                                       num_items=num_items, return_extras=return_extras)
+    if early is not None:
+        raise early
     if isinstance(linear_weight, Tensor) and linear_weight.dim() > 2:
         if filter_eps is not None or chunk_size is not None:
             raise ValueError("chunk_size, filter_eps and options.batch_chunk_size apply to a [V, H] linear_weight; "
@@ -415,24 +418,31 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target, linear_bi
     return _finish(loss, lse, z, pred, pos_shape, tgt, target, opts)
 
 
-def _linear_vocab_parallel(input: Tensor, linear_weight: Tensor, target, linear_bias: Optional[Tensor], shift: int,
-                           group, reduce_input_grad: bool, **kw):
+def _linear_vocab_parallel(input: Tensor, linear_weight: Tensor, target, linear_bias: Optional[Tensor], shift,
+                           group, reduce_input_grad, chunk_size, filter_eps, **kw):
     """``linear_weight`` (and bias) hold this rank's rows of the vocabulary, the input is replicated:
     each rank builds the logits of its shard and runs vocab-parallel :func:`cross_entropy` on them. The
     weight gradient needs no communication; the input gradient is summed over the ranks (one
     all-reduce in the backward) unless ``reduce_input_grad=False`` (a layer already reduces it)."""
-    if not isinstance(linear_weight, Tensor) or linear_weight.dim() != 2:
-        raise ValueError("vocab-parallel linear_cross_entropy takes this rank's rows of a [V, H] linear_weight")
-    _check_linear_args(input, linear_weight, linear_bias, allow_empty=True)
+    try:  # a refusal here travels with the exchange, so that every rank raises
+        if filter_eps is not None or chunk_size is not None:
+            raise ValueError("chunk_size and filter_eps do not apply to vocab-parallel linear_cross_entropy (each "
+                             "rank builds the logits of its shard of the vocabulary): leave them unset")
+        if not isinstance(linear_weight, Tensor) or linear_weight.dim() != 2:
+            raise ValueError("vocab-parallel linear_cross_entropy takes this rank's rows of a [V, H] linear_weight")
+        _check_linear_args(input, linear_weight, linear_bias, allow_empty=True)
+        shift = check_shift(shift)
+        reduce_input_grad = check_flag(reduce_input_grad, "reduce_input_grad")
+        if shift:
+            _check_linear_target(input, target, None, shift)
+            if input.dim() < 2 or shift >= input.shape[-2]:
+                raise ValueError(f"shift={shift} needs input [..., T, H] with T > shift, got {_fmt(input.shape)}")
+    except (ValueError, TypeError) as e:
+        refuse_vocab_parallel(group, e, input)
     x = copy_to_vocab_parallel(input, group) if reduce_input_grad else input
     if shift:
-        pos_shape = input.shape[:-1]
-        _check_linear_target(input, target, None, shift)
-        T = input.shape[-2] if input.dim() >= 2 else 0
-        if input.dim() < 2 or shift >= T:
-            raise ValueError(f"shift={shift} needs input [..., T, H] with T > shift, got {_fmt(input.shape)}")
-        x = x[..., :T - shift, :]
-        target = _shifted_target(target, pos_shape, shift)
+        x = x[..., :input.shape[-2] - shift, :]
+        target = _shifted_target(target, input.shape[:-1], shift)
     logits = torch.nn.functional.linear(x, linear_weight, linear_bias)
     return cross_entropy(logits, target, dim=-1, process_group=group, **kw)
 
@@ -505,7 +515,7 @@ def _linear_promoted(input: Tensor, linear_weight: Tensor, linear_bias: Optional
     if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev) and input.dtype != torch.float64:
         dtype = torch.get_autocast_dtype(dev)  # autocast leaves float64 alone
     else:
-        dtype = _target_dtype(input.dtype, tgt)
+        dtype = promoted_dtype(input.dtype, tgt)
     x, lw, lb = [None if t is None else (t if t.dtype == dtype else t.to(dtype)) for t in (input, linear_weight, linear_bias)]
     return x, lw, None if lb is None else lb.contiguous()  # the fused impls read the bias as a dense [V]
 

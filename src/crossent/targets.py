@@ -228,6 +228,16 @@ def _finish_terms(y: Tensor, vals: Tensor, bad: Tensor, in_range: Tensor, weight
     return ClassTerms(cols, vals.masked_fill(bad, float("nan")), row_valid)
 
 
+def promoted_dtype(dtype: torch.dtype, tgt: Target) -> torch.dtype:
+    """``dtype`` promoted with soft targets' (dense or top-k) values, as PyTorch promotes logits with
+    probabilities (float32 and float64 compute in float64)."""
+    if isinstance(tgt, ProbsTarget):
+        return torch.promote_types(dtype, tgt.probs.dtype)
+    if isinstance(tgt, TopKTarget):
+        return torch.promote_types(dtype, tgt.values.dtype)
+    return dtype
+
+
 def _fmt(shape: Sequence[int]) -> str:
     return "[" + ", ".join(str(int(s)) for s in shape) + "]"
 
