@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .impl.common import RowTerms, acc_dtype
+from .impl.common import RowTerms, acc_dtype, host_reads_free
 from .options import Options
 from .reduction import Reduction, plan_reduction
 from .targets import IndexTarget, ProbsTarget, Target, _fmt, normalize_target, promoted_dtype
@@ -142,7 +142,9 @@ class _Shard:
             p.mul_(1 - self.th.square())
         # a row whose global lse is not finite (+inf or NaN anywhere, or all -inf) has a NaN softmax on
         # every rank, as in one process: no rank keeps a finite gradient for it
-        p.masked_fill_(~torch.isfinite(self.lse).unsqueeze(1), float("nan"))
+        bad_rows = ~torch.isfinite(self.lse)
+        if not host_reads_free(bad_rows) or bool(bad_rows.any()):  # a pass over p only when needed (CPU)
+            p.masked_fill_(bad_rows.unsqueeze(1), float("nan"))
         if not direct:
             grad3.copy_(p.reshape(P, Q, Cr).transpose(1, 2))
         return self.terms
