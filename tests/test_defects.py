@@ -127,16 +127,21 @@ def test_d02_linear_ignored_row_all_neg_inf_logits(impl, ls, z):
     assert_close(loss, ref, dt)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_d02_linear_padded_vocab_neg_inf_bias_z_loss(impl):
-    """Bias -inf on padded vocab entries with z_loss: finite, equal to torch (loss and gradients)."""
-    dt = EXACT_DTYPE[impl]
+def _padded_vocab():
+    """Hidden states, projection and a bias of -inf on the last two (padded) vocabulary entries, labels."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 5, generator=g, dtype=torch.float64)
     W = torch.randn(8, 5, generator=g, dtype=torch.float64)
     b = torch.randn(8, generator=g, dtype=torch.float64)
     b[-2:] = -INF
-    t = torch.tensor([0, 3, -100, 5])
+    return x, W, b, torch.tensor([0, 3, -100, 5])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_d02_linear_padded_vocab_neg_inf_bias_z_loss(impl):
+    """Bias -inf on padded vocab entries with z_loss: finite, equal to torch (loss and gradients)."""
+    dt = EXACT_DTYPE[impl]
+    x, W, b, t = _padded_vocab()
     ref, ref_g = grad_of(lambda *a: _lin_ref(*a, t, z=0.1), x, W, b)
     loss, gs = grad_of(lambda xx, ww, bb: crossent.linear_cross_entropy(xx, ww, t, bb, impl=impl, z_loss=0.1),
                        x.to(dt), W.to(dt), b.to(dt))
@@ -150,12 +155,7 @@ def test_d02_linear_padded_vocab_neg_inf_bias_z_loss(impl):
 def test_d02_linear_padded_vocab_neg_inf_bias_label_smoothing_is_inf_like_torch(impl):
     """Extra: label smoothing puts mass on the -inf padded entries; torch gives +inf (not NaN)."""
     dt = EXACT_DTYPE[impl]
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(4, 5, generator=g, dtype=torch.float64)
-    W = torch.randn(8, 5, generator=g, dtype=torch.float64)
-    b = torch.randn(8, generator=g, dtype=torch.float64)
-    b[-2:] = -INF
-    t = torch.tensor([0, 3, -100, 5])
+    x, W, b, t = _padded_vocab()
     ref = _lin_ref(x, W, b, t, ls=0.1)
     loss = crossent.linear_cross_entropy(x.to(dt), W.to(dt), t, b.to(dt), impl=impl, label_smoothing=0.1)
     assert ref.item() == INF

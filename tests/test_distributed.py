@@ -8,6 +8,7 @@ in the test, and a hang is killed by the deadline instead of blocking the suite.
 import datetime
 import os
 import socket
+import time
 import traceback
 
 import pytest
@@ -66,73 +67,97 @@ def _inputs(kind: str, N: int, C: int, seed: int):
     return x, SparseTarget(idx, torch.rand(N, 3, generator=g, dtype=torch.float64))
 
 
-def _worker(rank: int, world: int, port: int, sizes, result_dir: str):
+def _entry(rank: int, world: int, port: int, result_dir: str, body, args):
+    """One rank: join the gloo group, run ``body(rank, world, *args)``, report a failure to the parent."""
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=60))
-        C = sum(sizes)
-        lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
-        N = 9
-        for i, (name, kind, kw) in enumerate(_cases(C)):
-            x, t = _inputs(kind, N, C, seed=i)
-            ref_kw = dict(kw)
-            xs = x[:, lo:hi].clone().requires_grad_(True)
-            mine = dict(kw)
-            if "weight" in kw:
-                mine["weight"] = kw["weight"][lo:hi]
-            tm = t[:, lo:hi] if kind == "probs_shard" else t
-            loss = crossent.cross_entropy(xs, tm, process_group=dist.group.WORLD, return_extras=True, **mine)
-            loss, extras = loss
-            go = torch.rand_like(loss) + 0.5 if loss.dim() else torch.ones(())
-            (gs,) = torch.autograd.grad(loss, xs, go)
-            xr = x.clone().requires_grad_(True)
-            ref, rex = crossent.cross_entropy(xr, t, impl="torch", return_extras=True, **ref_kw)
-            (gr,) = torch.autograd.grad(ref, xr, go)
-            tol = dict(rtol=1e-10, atol=1e-10, equal_nan=True)
-            assert torch.allclose(loss, ref, **tol), (name, loss, ref)
-            assert torch.allclose(gs, gr[:, lo:hi], **tol), (name, (gs - gr[:, lo:hi]).abs().max())
-            assert torch.allclose(extras["lse"], rex["lse"], **tol), name
-            assert torch.equal(extras["predicted"], rex["predicted"]), name
-        # collectives: forward = an exchange of 4 numbers per rank (shard size, positions, refusal, options),
-        # one all-gather of O(N) stats and one packed all-reduce [N, 4]; the backward none
-        from torch.distributed.tensor.debug import CommDebugMode
-
-        x, t = _inputs("index", N, C, seed=0)
-        xs = x[:, lo:hi].clone().requires_grad_(True)
-        with crossent.checks(False):
-            with CommDebugMode() as fwd:
-                loss = crossent.cross_entropy(xs, t, label_smoothing=0.1, process_group=dist.group.WORLD)
-        with CommDebugMode() as bwd:
-            loss.backward()
-        counts = {str(k).split(".")[-1]: v for k, v in fwd.get_comm_counts().items()}
-        assert sum(counts.values()) == 3 and bwd.get_total_counts() == 0, (counts, bwd.get_comm_counts())
-        # O(N) numbers per collective, whatever the vocabulary: record what crosses
-        sent = []
-        real_gather, real_reduce = dist.all_gather, dist.all_reduce
-        dist.all_gather = lambda out, t, **kw: sent.append(t.numel()) or real_gather(out, t, **kw)
-        dist.all_reduce = lambda t, **kw: sent.append(t.numel()) or real_reduce(t, **kw)
-        try:
-            with crossent.checks(False):
-                crossent.cross_entropy(xs, t, label_smoothing=0.1, process_group=dist.group.WORLD)
-        finally:
-            dist.all_gather, dist.all_reduce = real_gather, real_reduce
-        assert len(sent) == 3 and max(sent) <= 4 * N, sent
-        _check_linear(rank, world, lo, hi, C)
-        _check_dtensor(rank, world, C)
-        # a label past the global vocabulary raises on every rank
-        with pytest.raises(ValueError, match="out of range"):
-            crossent.cross_entropy(torch.randn(2, hi - lo, dtype=torch.float64), torch.tensor([0, C]),
-                                   process_group=dist.group.WORLD)
-        # ranks that disagree on the positions raise on every rank, never hang
-        with pytest.raises(ValueError, match="different numbers of positions"):
-            n = 3 + rank
-            crossent.cross_entropy(torch.randn(n, hi - lo), torch.zeros(n, dtype=torch.long),
-                                   process_group=dist.group.WORLD)
+        body(rank, world, *args)
         dist.destroy_process_group()
     except BaseException:  # noqa: BLE001 - reported to the parent
         with open(os.path.join(result_dir, f"rank{rank}.err"), "w") as f:
             f.write(traceback.format_exc())
         raise
+
+
+def _run_ranks(body, world: int, tmp_path, *args, deadline_s: float = DEADLINE_S):
+    """Spawn ``world`` ranks running ``body``; a failing rank fails the test with every rank's traceback,
+    a hang is killed at the deadline."""
+    ctx = mp.start_processes(_entry, args=(world, _free_port(), str(tmp_path), body, args), nprocs=world,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + deadline_s
+    try:
+        while not ctx.join(timeout=5):
+            if time.monotonic() > deadline:
+                pytest.fail(f"ranks still running after {deadline_s} s: a rank is waiting (a hang)")
+    except Exception:
+        errs = "\n".join(p.read_text() for p in sorted(tmp_path.glob("rank*.err")))
+        pytest.fail(f"a rank failed:\n{errs}")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+
+
+def _vocab_cases(rank: int, world: int, sizes):
+    C = sum(sizes)
+    lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
+    N = 9
+    for i, (name, kind, kw) in enumerate(_cases(C)):
+        x, t = _inputs(kind, N, C, seed=i)
+        ref_kw = dict(kw)
+        xs = x[:, lo:hi].clone().requires_grad_(True)
+        mine = dict(kw)
+        if "weight" in kw:
+            mine["weight"] = kw["weight"][lo:hi]
+        tm = t[:, lo:hi] if kind == "probs_shard" else t
+        loss = crossent.cross_entropy(xs, tm, process_group=dist.group.WORLD, return_extras=True, **mine)
+        loss, extras = loss
+        go = torch.rand_like(loss) + 0.5 if loss.dim() else torch.ones(())
+        (gs,) = torch.autograd.grad(loss, xs, go)
+        xr = x.clone().requires_grad_(True)
+        ref, rex = crossent.cross_entropy(xr, t, impl="torch", return_extras=True, **ref_kw)
+        (gr,) = torch.autograd.grad(ref, xr, go)
+        tol = dict(rtol=1e-10, atol=1e-10, equal_nan=True)
+        assert torch.allclose(loss, ref, **tol), (name, loss, ref)
+        assert torch.allclose(gs, gr[:, lo:hi], **tol), (name, (gs - gr[:, lo:hi]).abs().max())
+        assert torch.allclose(extras["lse"], rex["lse"], **tol), name
+        assert torch.equal(extras["predicted"], rex["predicted"]), name
+    # collectives: forward = an exchange of 4 numbers per rank (shard size, positions, refusal, options),
+    # one all-gather of O(N) stats and one packed all-reduce [N, 4]; the backward none
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    x, t = _inputs("index", N, C, seed=0)
+    xs = x[:, lo:hi].clone().requires_grad_(True)
+    with crossent.checks(False):
+        with CommDebugMode() as fwd:
+            loss = crossent.cross_entropy(xs, t, label_smoothing=0.1, process_group=dist.group.WORLD)
+    with CommDebugMode() as bwd:
+        loss.backward()
+    counts = {str(k).split(".")[-1]: v for k, v in fwd.get_comm_counts().items()}
+    assert sum(counts.values()) == 3 and bwd.get_total_counts() == 0, (counts, bwd.get_comm_counts())
+    # O(N) numbers per collective, whatever the vocabulary: record what crosses
+    sent = []
+    real_gather, real_reduce = dist.all_gather, dist.all_reduce
+    dist.all_gather = lambda out, t, **kw: sent.append(t.numel()) or real_gather(out, t, **kw)
+    dist.all_reduce = lambda t, **kw: sent.append(t.numel()) or real_reduce(t, **kw)
+    try:
+        with crossent.checks(False):
+            crossent.cross_entropy(xs, t, label_smoothing=0.1, process_group=dist.group.WORLD)
+    finally:
+        dist.all_gather, dist.all_reduce = real_gather, real_reduce
+    assert len(sent) == 3 and max(sent) <= 4 * N, sent
+    _check_linear(rank, world, lo, hi, C)
+    _check_dtensor(rank, world, C)
+    # a label past the global vocabulary raises on every rank
+    with pytest.raises(ValueError, match="out of range"):
+        crossent.cross_entropy(torch.randn(2, hi - lo, dtype=torch.float64), torch.tensor([0, C]),
+                               process_group=dist.group.WORLD)
+    # ranks that disagree on the positions raise on every rank, never hang
+    with pytest.raises(ValueError, match="different numbers of positions"):
+        n = 3 + rank
+        crossent.cross_entropy(torch.randn(n, hi - lo), torch.zeros(n, dtype=torch.long),
+                               process_group=dist.group.WORLD)
 
 
 def _check_linear(rank, world, lo, hi, C):
@@ -207,22 +232,7 @@ def _check_dtensor(rank, world, C):
 @pytest.mark.parametrize("sizes", [(20, 20), (13, 1, 6), (7, 30, 1, 62), (0, 12, 5)],
                          ids=["2-even", "3-uneven", "4-7/30/1/62", "3-empty-shard"])
 def test_vocab_parallel_equals_single_process(sizes, tmp_path):
-    ctx = mp.start_processes(_worker, args=(len(sizes), _free_port(), list(sizes), str(tmp_path)),
-                             nprocs=len(sizes), join=False, start_method="spawn")
-    import time
-
-    deadline = time.monotonic() + DEADLINE_S
-    try:
-        while not ctx.join(timeout=5):
-            if time.monotonic() > deadline:
-                pytest.fail(f"vocab-parallel ranks still running after {DEADLINE_S} s (a hang)")
-    except Exception:
-        errs = "\n".join(p.read_text() for p in sorted(tmp_path.glob("rank*.err")))
-        pytest.fail(f"a rank failed:\n{errs}")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
+    _run_ranks(_vocab_cases, len(sizes), tmp_path, list(sizes))
 
 
 def test_process_group_without_init_is_a_clear_error():
@@ -230,127 +240,81 @@ def test_process_group_without_init_is_a_clear_error():
         crossent.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), process_group=object())
 
 
-def _refusing_worker(rank: int, world: int, port: int, result_dir: str):
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=60))
-        x, t = torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
-        for checks in (True, False):  # checks off, the refusal travels with the forward's all-gather
-            with crossent.checks(checks):
-                crossent.cross_entropy(x, t, process_group=dist.group.WORLD)  # learn the sizes
-                bad = dict(label_smoothing=2.0) if rank == 1 else {}
-                with pytest.raises(ValueError, match="label_smoothing" if rank == 1 else r"rank\(s\) \[1\] refused"):
-                    crossent.cross_entropy(x, t, process_group=dist.group.WORLD, **bad)
-        # a target that only one rank gets wrong (checks on: checked against the global vocabulary)
-        tt = torch.tensor([0, 1, 2, 99]) if rank == 0 else t
-        with pytest.raises(ValueError, match="out of range" if rank == 0 else "refused its target"):
-            crossent.cross_entropy(x, tt, process_group=dist.group.WORLD)
-        dist.destroy_process_group()
-    except BaseException:  # noqa: BLE001 - reported to the parent
-        with open(os.path.join(result_dir, f"rank{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
+def _refusals(rank: int, world: int):
+    x, t = torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
+    for checks in (True, False):  # checks off, the refusal travels with the forward's all-gather
+        with crossent.checks(checks):
+            crossent.cross_entropy(x, t, process_group=dist.group.WORLD)  # learn the sizes
+            bad = dict(label_smoothing=2.0) if rank == 1 else {}
+            with pytest.raises(ValueError, match="label_smoothing" if rank == 1 else r"rank\(s\) \[1\] refused"):
+                crossent.cross_entropy(x, t, process_group=dist.group.WORLD, **bad)
+    # a target that only one rank gets wrong (checks on: checked against the global vocabulary)
+    tt = torch.tensor([0, 1, 2, 99]) if rank == 0 else t
+    with pytest.raises(ValueError, match="out of range" if rank == 0 else "refused its target"):
+        crossent.cross_entropy(x, tt, process_group=dist.group.WORLD)
 
 
 def test_a_rank_that_refuses_its_arguments_stops_every_rank(tmp_path):
-    import time
-
-    ctx = mp.start_processes(_refusing_worker, args=(3, _free_port(), str(tmp_path)), nprocs=3, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + 120
-    try:
-        while not ctx.join(timeout=5):
-            if time.monotonic() > deadline:
-                pytest.fail("ranks still running after 120 s: a refusal left the others waiting")
-    except Exception:
-        errs = "\n".join(p.read_text() for p in sorted(tmp_path.glob("rank*.err")))
-        pytest.fail(f"a rank failed:\n{errs}")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
+    _run_ranks(_refusals, 3, tmp_path, deadline_s=120)
 
 
-def _agreement_worker(rank: int, world: int, port: int, result_dir: str):
+def _agreement(rank: int, world: int):
     """What the fourth hostile probe found: disagreements between ranks raise on every rank, stale shard
     sizes cannot arise, and the single-process numbers hold at the edges."""
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=60))
-        W = dist.group.WORLD
-        g = torch.Generator().manual_seed(5)
-        x = torch.randn(4, 13, generator=g, dtype=torch.float64)
-        y = torch.tensor([0, 5, 12, 7])
-        lo, hi = (0, 4) if rank == 0 else (4, 13)
-        mine = x[:, lo:hi]
-        refused_elsewhere = r"rank\(s\) \[\d\] refused"
-        # options, dtypes and arguments that differ between ranks
-        for kw in (dict(label_smoothing=0.1 * rank), dict(reduction=["mean", "sum"][rank]),
-                   dict(softcap=[None, 2.0][rank])):
-            with pytest.raises(ValueError, match="different options"):
-                crossent.cross_entropy(mine, y, process_group=W, **kw)
+    W = dist.group.WORLD
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 13, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 5, 12, 7])
+    lo, hi = (0, 4) if rank == 0 else (4, 13)
+    mine = x[:, lo:hi]
+    refused_elsewhere = r"rank\(s\) \[\d\] refused"
+    # options, dtypes and arguments that differ between ranks
+    for kw in (dict(label_smoothing=0.1 * rank), dict(reduction=["mean", "sum"][rank]),
+               dict(softcap=[None, 2.0][rank])):
         with pytest.raises(ValueError, match="different options"):
-            crossent.cross_entropy(mine.float() if rank else mine, y, process_group=W)
-        with pytest.raises((ValueError, TypeError), match="dim=5" if rank == 0 else refused_elsewhere):
-            crossent.cross_entropy(mine, y, process_group=W, dim=5 if rank == 0 else 1)
-        with pytest.raises(ValueError, match="impl" if rank == 1 else refused_elsewhere):
-            crossent.cross_entropy(mine, y, process_group=W, impl="bogus" if rank == 1 else "auto")
-        h = torch.randn(4, 6, generator=g, dtype=torch.float64)
-        Wt = torch.randn(13, 6, generator=g, dtype=torch.float64)
-        with pytest.raises(ValueError, match="hidden size" if rank == 1 else refused_elsewhere):
-            crossent.linear_cross_entropy(h[:, :3] if rank == 1 else h, Wt[lo:hi], y, process_group=W)
-        # checks off, two heads of different splits on the same group: no stale sizes
-        with crossent.checks(False):
-            for split in ((0, 4), (0, 9)):
-                cut = split[1]
-                part = x[:, :cut] if rank == 0 else x[:, cut:]
-                got = crossent.cross_entropy(part, y, label_smoothing=0.1, process_group=W)
-                assert torch.allclose(got, torch.nn.functional.cross_entropy(x, y, label_smoothing=0.1), rtol=1e-10)
-        # a label on a shard that is all -inf: +inf, as in one process
-        xd = x.clone()
-        xd[:, :4] = float("-inf")
-        got = crossent.cross_entropy(xd[:, lo:hi], torch.tensor([0, 1, 5, 6]), reduction="none", process_group=W)
-        ref = torch.nn.functional.cross_entropy(xd, torch.tensor([0, 1, 5, 6]), reduction="none")
-        assert torch.equal(torch.isinf(got), torch.isinf(ref)) and torch.allclose(got[2:], ref[2:], rtol=1e-10)
-        # +inf in one shard: NaN gradient for the row on every rank, as in one process
-        xi = x.clone()
-        xi[0, 8] = float("inf")
-        xs = xi[:, lo:hi].clone().requires_grad_(True)
-        crossent.cross_entropy(xs, y, process_group=W).backward()
-        assert torch.isnan(xs.grad[0]).all() and torch.isfinite(xs.grad[1:]).all()
-        # float64 probabilities promote float32 logits, as in one process
-        q = torch.softmax(torch.randn(4, 13, generator=g, dtype=torch.float64), 1)
-        got = crossent.cross_entropy(x[:, lo:hi].float(), q, process_group=W)
-        assert got.dtype == torch.float64
-        # a DTensor lm_head with return_extras
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.tensor import Shard, distribute_tensor
+            crossent.cross_entropy(mine, y, process_group=W, **kw)
+    with pytest.raises(ValueError, match="different options"):
+        crossent.cross_entropy(mine.float() if rank else mine, y, process_group=W)
+    with pytest.raises((ValueError, TypeError), match="dim=5" if rank == 0 else refused_elsewhere):
+        crossent.cross_entropy(mine, y, process_group=W, dim=5 if rank == 0 else 1)
+    with pytest.raises(ValueError, match="impl" if rank == 1 else refused_elsewhere):
+        crossent.cross_entropy(mine, y, process_group=W, impl="bogus" if rank == 1 else "auto")
+    h = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    Wt = torch.randn(13, 6, generator=g, dtype=torch.float64)
+    with pytest.raises(ValueError, match="hidden size" if rank == 1 else refused_elsewhere):
+        crossent.linear_cross_entropy(h[:, :3] if rank == 1 else h, Wt[lo:hi], y, process_group=W)
+    # checks off, two heads of different splits on the same group: no stale sizes
+    with crossent.checks(False):
+        for split in ((0, 4), (0, 9)):
+            cut = split[1]
+            part = x[:, :cut] if rank == 0 else x[:, cut:]
+            got = crossent.cross_entropy(part, y, label_smoothing=0.1, process_group=W)
+            assert torch.allclose(got, torch.nn.functional.cross_entropy(x, y, label_smoothing=0.1), rtol=1e-10)
+    # a label on a shard that is all -inf: +inf, as in one process
+    xd = x.clone()
+    xd[:, :4] = float("-inf")
+    got = crossent.cross_entropy(xd[:, lo:hi], torch.tensor([0, 1, 5, 6]), reduction="none", process_group=W)
+    ref = torch.nn.functional.cross_entropy(xd, torch.tensor([0, 1, 5, 6]), reduction="none")
+    assert torch.equal(torch.isinf(got), torch.isinf(ref)) and torch.allclose(got[2:], ref[2:], rtol=1e-10)
+    # +inf in one shard: NaN gradient for the row on every rank, as in one process
+    xi = x.clone()
+    xi[0, 8] = float("inf")
+    xs = xi[:, lo:hi].clone().requires_grad_(True)
+    crossent.cross_entropy(xs, y, process_group=W).backward()
+    assert torch.isnan(xs.grad[0]).all() and torch.isfinite(xs.grad[1:]).all()
+    # float64 probabilities promote float32 logits, as in one process
+    q = torch.softmax(torch.randn(4, 13, generator=g, dtype=torch.float64), 1)
+    got = crossent.cross_entropy(x[:, lo:hi].float(), q, process_group=W)
+    assert got.dtype == torch.float64
+    # a DTensor lm_head with return_extras
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
 
-        mesh = init_device_mesh("cpu", (world,))
-        loss, ex = crossent.linear_cross_entropy(h, distribute_tensor(Wt, mesh, [Shard(0)]), y, return_extras=True)
-        assert torch.allclose(loss.full_tensor(), torch.nn.functional.cross_entropy(h @ Wt.T, y), rtol=1e-10)
-        assert torch.equal(ex["predicted"], (h @ Wt.T).argmax(1))
-        dist.destroy_process_group()
-    except BaseException:  # noqa: BLE001 - reported to the parent
-        with open(os.path.join(result_dir, f"rank{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
+    mesh = init_device_mesh("cpu", (world,))
+    loss, ex = crossent.linear_cross_entropy(h, distribute_tensor(Wt, mesh, [Shard(0)]), y, return_extras=True)
+    assert torch.allclose(loss.full_tensor(), torch.nn.functional.cross_entropy(h @ Wt.T, y), rtol=1e-10)
+    assert torch.equal(ex["predicted"], (h @ Wt.T).argmax(1))
 
 
 def test_ranks_that_disagree_raise_everywhere_and_edges_match_one_process(tmp_path):
-    import time
-
-    ctx = mp.start_processes(_agreement_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + 120
-    try:
-        while not ctx.join(timeout=5):
-            if time.monotonic() > deadline:
-                pytest.fail("ranks still running after 120 s: a disagreement left a rank waiting")
-    except Exception:
-        errs = "\n".join(p.read_text() for p in sorted(tmp_path.glob("rank*.err")))
-        pytest.fail(f"a rank failed:\n{errs}")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
+    _run_ranks(_agreement, 2, tmp_path, deadline_s=120)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .options import check_ignore_index
-from .targets import SparseTarget, _fmt, _position, class_dim, normalize_target
+from .targets import SparseTarget, _detect_format, _fmt, _position, class_dim, normalize_target
 
 __all__ = ["diagnose"]
 
@@ -104,7 +104,7 @@ def _diagnose(input, target, weight, ignore_index, dim, target_format) -> List[s
         findings.append(bad_weight)
     good_weight = weight if weight is not None and bad_weight is None else None
 
-    fmt = _format(target, input, pos_shape, target_format)
+    fmt = _format(target, input, cdim, pos_shape, target_format)
     rejected = False
     if fmt != "one_hot":  # one-hot targets are validated here, chunk by chunk (normalize_target builds [N, C] masks)
         probe = target
@@ -206,22 +206,22 @@ def _weight_problem(weight, C: int, device: torch.device) -> Optional[str]:
     return None
 
 
-def _format(target, input: Tensor, pos_shape: torch.Size, target_format: str) -> Optional[str]:
-    """The target's encoding when its shape, dtype and device fit one (mirrors the ``auto`` rule); else None
-    (``normalize_target`` then says what is wrong)."""
+def _format(target, input: Tensor, cdim: int, pos_shape: torch.Size, target_format: str) -> Optional[str]:
+    """The target's encoding when its shape, dtype and device fit one (``auto``: the rule of
+    :func:`crossent.targets.normalize_target`); else None (``normalize_target`` then says what is wrong)."""
     if isinstance(target, SparseTarget):
         return "sparse" if target_format in ("auto", "sparse") else None
     if not isinstance(target, Tensor) or target.device != input.device or target.dtype.is_complex:
         return None
+    if target_format == "auto":
+        try:
+            return _detect_format(target, input.shape, cdim)
+        except (ValueError, TypeError):
+            return None
     floating, is_bool = target.dtype.is_floating_point, target.dtype == torch.bool
-    if target.shape == pos_shape and not floating and not is_bool and target_format in ("auto", "index"):
-        return "index"
-    if target.shape == input.shape:
-        if target_format == "one_hot" or (target_format == "auto" and not floating):
-            return "one_hot"
-        if floating and target_format in ("auto", "probs"):
-            return "probs"
-    return None
+    fits = {"index": target.shape == pos_shape and not floating and not is_bool,
+            "one_hot": target.shape == input.shape, "probs": target.shape == input.shape and floating}
+    return target_format if fits.get(target_format) else None
 
 
 # ---------------------------------------------------------------------------------------------------------------------

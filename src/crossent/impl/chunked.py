@@ -92,15 +92,13 @@ def _prepare(x3: Tensor, tgt: Target, opts: Options, w: Optional[Tensor], ce_sca
         mass = rows.vals.sum(1)
         if ls > 0:
             sm = (ls / C) * (float(C) if w is None else w.sum())
-            mass = mass + (_valid_only(rows, sm * torch.ones_like(mass)))
+            mass = _valid_only(rows, mass + sm)  # ignored rows carry no mass (their vals are 0)
             rows.wd = torch.empty(M, dtype=acc, device=dev)
         rows.mass = mass
     if need_grad:
-        valid = rows.row_valid
-        rows.g_rows = ce_scale.expand(M) if valid is None else torch.where(valid > 0, ce_scale, 0.0)
+        rows.g_rows = _valid_only(rows, ce_scale.expand(M))
         if opts.z_loss:
-            zb = (2 * opts.z_loss) * z_scale
-            rows.zb = zb.expand(M) if valid is None else torch.where(valid > 0, zb, 0.0)
+            rows.zb = _valid_only(rows, ((2 * opts.z_loss) * z_scale).expand(M))
     return rows
 
 
