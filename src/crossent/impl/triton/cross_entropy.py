@@ -16,6 +16,7 @@ from ...options import Options
 from ...reduction import Reduction
 from ...targets import ProbsTarget, Target
 from ..common import RowTerms
+from .launch import launch
 
 
 def class_block(C: int) -> int:
@@ -51,7 +52,7 @@ def cross_entropy(x3: Tensor, tgt: Target, opts: Options, red: Reduction, grad3:
         idx, vals, prob, K = cols.contiguous(), vals.contiguous(), x3, cols.shape[1]
     g = grad3 if grad3 is not None else x3
     block = class_block(C)
-    ce_fwd_kernel[(M,)](
+    launch(ce_fwd_kernel)[(M,)](
         x3, x3.stride(0), x3.stride(1), x3.stride(2),
         g, g.stride(0), g.stride(1), g.stride(2),
         prob, prob.stride(0), prob.stride(1), prob.stride(2),

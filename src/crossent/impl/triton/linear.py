@@ -19,6 +19,7 @@ from ...options import Options
 from ...reduction import Reduction
 from ...targets import ProbsTarget, Target
 from ..common import LinearResult, RowTerms
+from .launch import launch
 
 FIN_BM = 64  # rows per program of the kernel that merges the vocabulary splits
 
@@ -187,7 +188,7 @@ def _forward(c: _Call):
         if c.flags["IS_PROBS"] or ls > 0 else (c.dummy, c.dummy)
     pb, pbi = (torch.empty((S, M), dtype=f32, device=dev), torch.empty((S, M), dtype=torch.long, device=dev)) \
         if want_pred else (c.dummy, c.dummy)
-    fwd[lambda meta: (triton.cdiv(M, meta["BM"]), S)](
+    launch(fwd)[lambda meta: (triton.cdiv(M, meta["BM"]), S)](
         c.x2, c.x2.stride(0), c.rid, c.wv, c.wv.stride(0), c.ptr(c.bias),
         c.prob, c.prob.stride(0), c.prob.stride(1), c.ptr(c.cw),
         pm, ps, pd, pt, pb, pbi, M, V, H, split_v, ls, c.cap, _pow2(M),
@@ -195,7 +196,7 @@ def _forward(c: _Call):
     mx, logs, ce, mass = (torch.empty(M, dtype=f32, device=dev) for _ in range(4))
     z = torch.empty(M, dtype=f32, device=dev) if c.opts.z_loss else None
     pred = torch.empty(M, dtype=torch.long, device=dev) if want_pred else None
-    fin[(triton.cdiv(M, FIN_BM),)](
+    launch(fin)[(triton.cdiv(M, FIN_BM),)](
         c.x2, c.x2.stride(0), c.rid, c.wv, c.wv.stride(0), c.ptr(c.bias),
         pm, ps, pd, pt, pb, pbi, S, c.idx, c.vals, c.K, c.ptr(c.rv),
         c.cw.sum().reshape(1) if c.cw is not None else c.dummy,
@@ -221,7 +222,7 @@ def _backward(c: _Call, mx: Tensor, logs: Tensor, mass: Tensor, red: Reduction, 
     dw = torch.zeros((V, H), dtype=f32, device=dev) if need_dw else c.dummy
     db = torch.zeros(V, dtype=f32, device=dev) if need_db else c.dummy
     eps = c.opts.filter_eps
-    bwd[lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(V, meta["BV"]))](
+    launch(bwd)[lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(V, meta["BV"]))](
         c.x2, c.x2.stride(0), c.rid, c.wv, c.wv.stride(0), c.ptr(c.bias),
         c.prob, c.prob.stride(0), c.prob.stride(1),
         c.idx, c.vals, c.K, c.ptr(c.rv), c.ptr(c.cw), mx, logs, mass,
