@@ -6,7 +6,9 @@ module constants, so changing one takes effect at the next call.
 * ``checks`` (env ``CROSSENT_CHECKS``, default on): value checks on targets.
   They read target values, one host synchronisation per check on CUDA; off,
   a bad value gives NaN at its position (never a device-side assert).
-  :func:`set_checks` / :func:`checks` (a context manager) switch them.
+  :func:`set_checks` / :func:`checks` (a context manager) switch them. They
+  never run while torch.compile traces or under a torch.func transform
+  (:func:`value_checks`), where a bad value gives NaN in the same way.
 * ``onednn`` (env ``CROSSENT_ONEDNN``, default on): CPU float32 chunk matmuls
   of ``linear_cross_entropy`` through oneDNN (AVX-512) instead of MKL.
 * ``chunk_elements``: elements of logits per chunk of the chunked
@@ -34,7 +36,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Iterator, Optional, Tuple
 
-__all__ = ["CONFIG", "override", "set_checks", "checks_enabled", "checks", "triton_interpreted"]
+__all__ = ["CONFIG", "override", "set_checks", "checks_enabled", "checks", "value_checks", "triton_interpreted"]
 
 
 def _env_flag(name: str, default: bool) -> bool:
@@ -118,6 +120,18 @@ def checks(enabled: bool) -> Iterator[None]:
         yield
     finally:
         set_checks(previous)
+
+
+def value_checks() -> bool:
+    """Whether this call reads target values to check them: the ``checks`` knob, except while
+    torch.compile traces or a torch.func transform (``grad``, ``vmap``, ``jacrev``, ...) runs, where
+    a read of a value would break the graph or cannot be made. There, as with checks off, a bad
+    value gives NaN at its position (never an error, never a device-side assert)."""
+    if not CONFIG.checks:
+        return False
+    import torch
+
+    return not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active())
 
 
 def triton_interpreted() -> bool:

@@ -219,8 +219,8 @@ def _vocab_parallel(input, target, dim, target_format: str, checked, group):
 
 def _guard_logits(input: Tensor, tgt: Target, opts: Options) -> None:
     """Logits that an earlier ``inplace_backward`` overwrote, or that this one must not overwrite."""
-    if torch.compiler.is_compiling():  # traced: nothing is written in place
-        return
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return  # traced, or transformed (the reference): nothing is written in place
     check_not_overwritten(input)
     if opts.inplace_backward:
         check_inplace(input)

@@ -23,7 +23,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .config import CONFIG
+from .config import value_checks
 
 try:
     from numpy import bool_ as np_bool
@@ -77,6 +77,11 @@ def _number(value, name: str, hint: str) -> float:
     return float(value)
 
 
+def _finite(v: float) -> bool:
+    """``math.isfinite`` by comparisons, which torch.compile traces on a symbolic float (dynamic=True)."""
+    return -math.inf < v < math.inf
+
+
 def check_label_smoothing(value) -> float:
     hint = "a number in [0, 1] (0 turns it off)"
     ls = _number(value, "label_smoothing", hint)
@@ -88,7 +93,7 @@ def check_label_smoothing(value) -> float:
 def check_z_loss(value) -> float:
     hint = "a finite number >= 0 (a typical value is 1e-4; 0 turns it off)"
     z = _number(value, "z_loss", hint)
-    if not (math.isfinite(z) and z >= 0):
+    if not (_finite(z) and z >= 0):
         raise ValueError(f"z_loss={z!r} must be {hint}")
     return z
 
@@ -98,7 +103,7 @@ def check_softcap(value) -> Optional[float]:
         return None
     hint = "None or a finite number > 0 (for example 30.0)"
     s = _number(value, "softcap", hint)
-    if not (math.isfinite(s) and s > 0):
+    if not (_finite(s) and s > 0):
         raise ValueError(f"softcap={s!r} must be {hint}")
     return s
 
@@ -153,14 +158,14 @@ def check_num_items(value, reduction: str) -> Optional[Union[float, Tensor]]:
         if value.numel() != 1 or value.dtype == torch.bool or value.dtype.is_complex:
             raise ValueError(f"num_items must be a number or a one-element tensor, got shape {list(value.shape)}"
                              f" ({value.dtype})")
-        if CONFIG.checks and not bool((value.detach() > 0).all()):  # one host sync on CUDA
+        if value_checks() and not bool((value.detach() > 0).all()):  # one host sync on CUDA
             raise ValueError(f"num_items={value.detach().reshape(()).item()!r} is not a count > 0 ({hint}); "
                              "crossent.set_checks(False) skips this check")
         return value
     if isinstance(value, (bool, np_bool)):
         raise ValueError(f"num_items={value!r} must be a count > 0, not a bool ({hint})")
     n = _number(value, "num_items", hint)
-    if not n > 0 or not math.isfinite(n):
+    if not n > 0 or not _finite(n):
         raise ValueError(f"num_items={value!r} must be a count > 0 ({hint})")
     return n
 

@@ -33,7 +33,7 @@ from typing import NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .config import CONFIG
+from .config import value_checks
 from .options import TARGET_FORMATS
 
 __all__ = ["SparseTarget", "IndexTarget", "ProbsTarget", "TopKTarget", "Target", "normalize_target",
@@ -175,7 +175,7 @@ class ProbsTarget:
 
     def check_finite(self, name: str = "target") -> None:
         """Raise on NaN in the probabilities (one host sync on CUDA), while value checks are on."""
-        if CONFIG.checks:
+        if value_checks():
             _check_nan(self.probs, name)
 
 
@@ -352,7 +352,7 @@ def _index(target: Tensor, shape: torch.Size, cdim: int, ignore_index: int) -> I
         raise ValueError(f"input is {_fmt(shape)} and target {_fmt(target.shape)}: class indices must have shape "
                          f"{_fmt(pos_shape)}" + _shape_hint(shape, cdim, target.shape))
     index = target.long()  # compare in int64: uint8 156 is not ignore_index=-100, int8 -56 is not 200
-    if CONFIG.checks:
+    if value_checks():
         _check_classes(index, C, ignore_index, "target")
     return IndexTarget(index.reshape(P, Q), ignore_index, "index")
 
@@ -368,10 +368,10 @@ def _one_hot(target: Tensor, shape: torch.Size, cdim: int, ignore_index: int) ->
     nonzero = t != 0
     not_binary = nonzero & (t != 1)
     count = nonzero.sum(-1)
-    if CONFIG.checks:
+    if value_checks():
         _check_one_hot(t, not_binary, nonzero, count, C)
     idx = nonzero.to(torch.uint8).argmax(-1).masked_fill(count == 0, ignore_index)
-    if not CONFIG.checks:  # no sync: a bad row gets a class out of range, which the impls turn into NaN
+    if not value_checks():  # no sync: a bad row gets a class out of range, which the impls turn into NaN
         bad = C if ignore_index != C else C + 1
         idx = idx.masked_fill((count > 1) | not_binary.any(-1), bad)
     return IndexTarget(idx.reshape(P, Q), ignore_index, "one_hot")
@@ -430,7 +430,7 @@ def _sparse(target: "SparseTarget", input, cdim: int, target_format: str, ignore
                          "move it with target.to(input.device)")
     k = target.k
     idx = target.indices.long()
-    if CONFIG.checks:
+    if value_checks():
         _check_classes(idx, C, ignore_index, "SparseTarget index")
         _check_nan(target.values.masked_fill(idx == ignore_index, 0), "SparseTarget values")  # padding: unused
     return TopKTarget(idx.reshape(P, Q, k), target.values.reshape(P, Q, k), ignore_index)
@@ -439,7 +439,7 @@ def _sparse(target: "SparseTarget", input, cdim: int, target_format: str, ignore
 def check_after(tgt: Target, target, loss: Tensor) -> None:
     """Checks deferred until the loss is known: a NaN loss with probability targets
     means a NaN target (raised here) or NaN logits (left to the caller)."""
-    if CONFIG.checks and isinstance(tgt, ProbsTarget) and bool(torch.isnan(loss.detach()).any()):
+    if value_checks() and isinstance(tgt, ProbsTarget) and bool(torch.isnan(loss.detach()).any()):
         _check_nan(target, "target")
 
 

@@ -11,7 +11,10 @@ Each impl is a module exposing the same two entry points with the same signature
 
 ``torch`` (:mod:`.reference`) is differentiated by autograd; ``chunked`` and
 ``triton`` are fused (they form gradients themselves) and run through the
-autograd Functions of :mod:`crossent.ops`.
+autograd Functions of :mod:`crossent.ops` (eager) or its registered ops
+(while torch.compile traces). Under a torch.func transform every ``impl``
+resolves to the reference: the transforms need an op they can differentiate
+and batch, and a gradient formed inside the forward is neither.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ class Resolved:
 
     name: str  # "torch" | "chunked" | "triton"
     reason: str
+    transformed: bool = False  # a torch.func transform runs: the reference, in-place options ignored
 
     @property
     def module(self) -> ModuleType:
@@ -63,6 +67,11 @@ def resolve(impl: str, device: torch.device, dtype: torch.dtype) -> Resolved:
         raise ValueError(f"impl={impl!r} is not one of {', '.join(repr(i) for i in IMPLS)}")
     if impl == "torch":
         return Resolved("torch", "asked for: the reference (plain torch ops, autograd)")
+    if torch._C._are_functorch_transforms_active():
+        return Resolved("torch", f"impl={impl!r} under a torch.func transform (grad, vmap, jacrev, jacfwd, ...): "
+                                 "the reference, which the transforms differentiate and batch like torch's own "
+                                 "(the fused impls form their gradient inside the forward, where they cannot)",
+                        transformed=True)
     if impl == "chunked":
         return Resolved("chunked", "asked for")
     if impl == "auto":
@@ -103,7 +112,7 @@ def explain(device: torch.device) -> List[str]:
 
 def check_supported(r: Resolved, opts, target_requires_grad: bool, op: str = "cross_entropy") -> None:
     """Options and inputs that only some impls take: a clear error where the resolved impl does not."""
-    if opts.inplace_backward and not r.fused:
+    if opts.inplace_backward and not r.fused and not r.transformed:
         raise ValueError("inplace_backward=True needs a fused impl ('chunked' or 'triton'): impl='torch' "
                          "differentiates with autograd and has no gradient to write in place")
     if opts.filter_eps is not None and r.name != "triton":

@@ -23,6 +23,7 @@ from ..impl.common import empty_gradient
 from ..options import Options
 from ..reduction import Reduction
 from ..targets import Target
+from .custom import compiled_cross_entropy, has_compiled_op
 from ._grads import outputs, refuse_double_backward, release_scaled, save_gradients
 
 __all__ = ["FusedCall", "fused_cross_entropy", "check_inplace", "check_not_overwritten", "mark_overwritten"]
@@ -89,7 +90,10 @@ class _FusedCrossEntropy(torch.autograd.Function):
 
 
 def fused_cross_entropy(input: Tensor, call: FusedCall):
-    """``(loss, lse, z, predicted)`` through the fused autograd function."""
+    """``(loss, lse, z, predicted)`` through the fused autograd function (eager), or through the impl's
+    registered op while torch.compile traces (:mod:`crossent.ops.custom`)."""
+    if torch.compiler.is_compiling() and has_compiled_op(call.impl):
+        return compiled_cross_entropy(input, call)
     return _FusedCrossEntropy.apply(input, call)[:4]
 
 

@@ -21,6 +21,7 @@ from torch import Tensor
 from ..options import Options
 from ..reduction import Reduction
 from ..targets import Target
+from .custom import compiled_linear_cross_entropy, has_compiled_op
 from ._grads import outputs, refuse_double_backward, release_scaled, save_gradients
 
 __all__ = ["LinearCall", "fused_linear_cross_entropy"]
@@ -70,13 +71,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
 def fused_linear_cross_entropy(x2: Tensor, lw: Tensor, lb: Optional[Tensor], call: LinearCall):
     """``(loss, lse, z, predicted)`` through the fused linear autograd function (``lw``, ``lb``: the
-    projection's weight and bias)."""
-    if not call.red.scalar:
-        return _eager_apply(x2, lw, lb, call)
-    return _FusedLinearCrossEntropy.apply(x2, lw, lb, call)
-
-
-@torch.compiler.disable
-def _eager_apply(x2: Tensor, lw: Tensor, lb: Optional[Tensor], call: LinearCall):
-    """reduction='none' recomputes in its backward, which torch.compile cannot trace: one graph break."""
+    projection's weight and bias); the impl's registered op while torch.compile traces."""
+    if torch.compiler.is_compiling() and has_compiled_op(call.impl):
+        return compiled_linear_cross_entropy(x2, lw, lb, call)
     return _FusedLinearCrossEntropy.apply(x2, lw, lb, call)

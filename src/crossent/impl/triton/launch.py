@@ -1,22 +1,30 @@
-"""How the launchers call a kernel: through :func:`torch.library.wrap_triton` while the triton
-impl's registered op (``crossent.ops.custom``) is traced for torch.compile, so that inductor sees
-the kernel itself; the kernel as it is otherwise (no wrapper on the eager path)."""
+"""How the launchers call a kernel: through :func:`torch.library.wrap_triton` inside the triton
+impl's registered ops (``crossent.ops.custom``, which torch.compile traces: inductor then sees the
+kernels themselves, and fake tensors never reach them), the kernel as it is on the eager path."""
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 
+_STATE = threading.local()
 
-def _tracing() -> bool:
+
+@contextmanager
+def registered_op() -> Iterator[None]:
+    """Mark the launches inside as those of a ``torch.library.triton_op`` body."""
+    _STATE.depth = getattr(_STATE, "depth", 0) + 1
     try:
-        from torch._library.triton import is_wrap_triton_enabled
-    except ImportError:  # older torch: no triton_op
-        return False
-    return is_wrap_triton_enabled() or torch.compiler.is_compiling()
+        yield
+    finally:
+        _STATE.depth -= 1
 
 
 def launch(kernel):
-    """``kernel``, ready for ``[grid](...)``: wrapped while a trace may see it."""
-    if not _tracing():
-        return kernel
-    return torch.library.wrap_triton(kernel)
+    """``kernel``, ready for ``[grid](...)``: wrapped inside a registered op or a trace."""
+    if getattr(_STATE, "depth", 0) or torch.compiler.is_compiling():
+        return torch.library.wrap_triton(kernel)
+    return kernel
