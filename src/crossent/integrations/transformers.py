@@ -1,0 +1,608 @@
+r"""Hugging Face transformers (5.x) causal language models that train with crossent.
+
+Two modes, both per model instance (nothing global is patched; in particular
+``transformers.loss.loss_utils.LOSS_MAPPING`` is never touched, since
+``Trainer`` decides how it counts ``num_items_in_batch`` from that table):
+
+- ``apply(model)`` (``mode="linear"``, the default): in training mode with
+  ``labels``, the model runs its decoder (``model.base_model``) and computes the
+  loss with :func:`crossent.linear_cross_entropy` on the last hidden states and
+  the output layer's weight (and bias), so the ``[B, T, V]`` logits are never
+  built. It returns the model's usual output class with ``loss`` set and
+  ``logits=None``; the other fields come from the decoder's output. Without
+  labels, in eval mode (labels or not) and in ``generate()``, the model's own
+  forward runs unchanged.
+- ``apply(model, mode="loss_function")``: only the instance's ``loss_function``
+  becomes :func:`causal_lm_loss` (crossent's fused cross-entropy). The model
+  still builds its logits, but not their float32 copy, log-softmax or a
+  separate gradient buffer. Works for any causal LM that computes its loss
+  through ``self.loss_function``, including those ``mode="linear"`` refuses.
+
+Both give the stock model's loss and gradients: labels shifted by one
+(``shift_labels``, when given, are used as they are), ``ignore_index``,
+``num_items_in_batch`` (the summed loss divided by it, a tensor moved to the
+loss's device), the mean over the counted positions otherwise, Gemma's
+``final_logit_softcapping``, a float32 loss for 16-bit models.
+
+``mode="linear"`` refuses, with a ``ValueError`` naming the model, the reason
+and the fix, what it cannot reproduce: logit scaling (Cohere's
+``logit_scale``, Granite's ``logits_scaling``), an output layer that is not a
+plain ``nn.Linear`` (a LoRA/PEFT adapter, a quantised layer, hooks such as
+offloading or FSDP), a forward that slices the head by ``pretraining_tp``, a
+router auxiliary loss (``output_router_logits``), models whose loss is not the
+causal-LM loss, and, at call time, ``logits_to_keep`` together with labels. It
+also checks itself once at apply time (``check=True``): one eval-mode forward
+of 8 tokens through the stock model and through crossent's path, compared
+logits and loss; any model whose forward changes the logits in a way crossent
+does not know is refused there.
+
+Example::
+
+    >>> import torch, transformers
+    >>> from crossent.integrations import transformers as ct
+    >>> cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+    ...                                num_attention_heads=2, num_key_value_heads=1, vocab_size=100)
+    >>> model = transformers.LlamaForCausalLM(cfg)
+    >>> handle = ct.apply(model)
+    >>> ids = torch.randint(0, 100, (2, 16))
+    >>> out = model(input_ids=ids, labels=ids)       # training mode: no logits built
+    >>> out.logits is None
+    True
+    >>> out.loss.backward()
+    >>> handle.remove()                               # or ct.remove(model)
+"""
+
+import contextlib
+import dataclasses
+import inspect
+import typing
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..functional import cross_entropy, linear_cross_entropy
+
+try:
+    from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+    from transformers.utils import ModelOutput
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError("crossent.integrations.transformers needs Hugging Face transformers 5.x: "
+                      "pip install 'crossent[transformers]' (or 'transformers>=5')") from e
+
+__all__ = ["apply", "remove", "causal_lm_loss", "CrossentHandle", "MODES"]
+
+MODES = ("linear", "loss_function")
+_STATE = "_crossent_integration"
+_LOSS_ONLY_KWARGS = ("num_items_in_batch", "shift_labels", "ignore_index")
+_KEEP_NAMES = ("logits_to_keep", "num_logits_to_keep")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the loss function (both modes end here)
+
+
+def _float32_loss(x):
+    """A context in which crossent returns a float32 loss for 16-bit ``x``, as the stock loss (which upcasts the
+    logits) does; under an active autocast crossent already does."""
+    if x.dtype in (torch.float16, torch.bfloat16) and not torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(x.device.type, dtype=x.dtype)
+    return contextlib.nullcontext()
+
+
+def _num_items(num_items_in_batch, device):
+    if torch.is_tensor(num_items_in_batch):
+        return num_items_in_batch.to(device)
+    return num_items_in_batch
+
+
+def causal_lm_loss(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, shift_labels=None,
+                   **kwargs):
+    r"""Hugging Face's ``ForCausalLMLoss`` computed by :func:`crossent.cross_entropy`.
+
+    Same signature and result as ``transformers.loss.loss_utils.ForCausalLMLoss``:
+    position ``t`` predicts ``labels[..., t + 1]`` (the last position is
+    ignored), or ``shift_labels`` as given; the loss is the sum over the
+    counted positions divided by ``num_items_in_batch`` when given, else their
+    mean (NaN when no position counts). Unlike the stock function it does not
+    upcast the logits to a float32 copy nor keep a log-softmax: crossent's
+    fused forward forms the gradient in float32 accumulation and returns a
+    float32 loss for 16-bit logits.
+
+    Args:
+        logits (Tensor): ``[..., vocab_size]`` logits.
+        labels (Tensor): ``[...]`` token ids, ``ignore_index`` where not counted.
+        vocab_size (int): the number of classes (the logits' last dim).
+        num_items_in_batch (int or Tensor, optional): divide the summed loss by
+            this count (gradient accumulation). Default: ``None`` (mean).
+        ignore_index (int, optional): label not counted. Default: ``-100``.
+        shift_labels (Tensor, optional): labels already shifted (``[...]``, one
+            per logit row); ``labels`` is then not read. Default: ``None``.
+        **kwargs: the model's other forward arguments, ignored (Hugging Face
+            passes them all).
+
+    Example::
+
+        >>> import torch
+        >>> from crossent.integrations.transformers import causal_lm_loss
+        >>> from transformers.loss.loss_utils import ForCausalLMLoss
+        >>> logits, labels = torch.randn(2, 8, 50), torch.randint(0, 50, (2, 8))
+        >>> torch.allclose(causal_lm_loss(logits, labels, 50), ForCausalLMLoss(logits, labels, 50))
+        True
+    """
+    if shift_labels is None:
+        # labels are small: pad them rather than slicing (and so copying) the logits
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    logits = logits.reshape(-1, vocab_size)
+    target = shift_labels.reshape(-1).to(logits.device)
+    with _float32_loss(logits):
+        return cross_entropy(logits, target, ignore_index=ignore_index,
+                             num_items=_num_items(num_items_in_batch, logits.device))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# state kept on the model
+
+
+class CrossentHandle:
+    """What :func:`apply` returns (and keeps on the model): ``mode`` and :meth:`remove`.
+
+    ``active`` is ``False`` once removed. The handle lives on the model as
+    ``model._crossent_integration``, so ``copy.deepcopy(model)`` copies the
+    patched behaviour along with it.
+    """
+
+    def __init__(self, model, mode):
+        self.model = model
+        self.mode = mode
+        self.active = True
+        self.previous_forward = None   # an instance-level forward that was there before apply
+        self.function = None           # our forward function (linear mode)
+        self.signature = None          # the class forward's signature (self included)
+        self.output_class = None
+        self.decoder_params = frozenset()
+        self.decoder_varkw = False
+
+    def remove(self):
+        """Undo :func:`apply`: the model computes its loss as before. Returns ``True`` if anything was undone."""
+        return remove(self.model)
+
+    def __repr__(self):
+        return (f"CrossentHandle(model={type(self.model).__name__}, mode={self.mode!r}, "
+                f"active={self.active})")
+
+
+def _name(model):
+    return type(model).__name__
+
+
+def _state(model):
+    return model.__dict__.get(_STATE)
+
+
+def _original_forward(model, state):
+    if state is not None and state.previous_forward is not None:
+        return state.previous_forward
+    return type(model).forward.__get__(model, type(model))
+
+
+def _make_forward(signature):
+    def forward(self, *args, **kwargs):
+        return _patched_forward(self, args, kwargs)
+
+    forward.__signature__ = signature  # generate() and Trainer read the forward's parameters
+    forward.__name__ = "forward"
+    forward.__qualname__ = "crossent_linear_forward"
+    forward.__doc__ = ("crossent.integrations.transformers: in training mode with labels, the loss comes from "
+                       "crossent.linear_cross_entropy and logits is None; otherwise the model's own forward.")
+    return forward
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checks
+
+
+_FIX_LOSS_FUNCTION = "use apply(model, mode='loss_function'), which keeps the model's own logits"
+
+
+def _forward_code_names(model):
+    fn = inspect.unwrap(type(model).forward)
+    code = getattr(fn, "__code__", None)
+    return None if code is None else set(code.co_names)
+
+
+def _check_causal_lm(model, mode):
+    name = _name(model)
+    if not isinstance(model, nn.Module) or getattr(model, "config", None) is None:
+        raise TypeError(f"apply() takes a Hugging Face PreTrainedModel (an nn.Module with a config), got "
+                        f"{type(model).__name__}; for a PEFT model pass model.get_base_model()")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise ValueError(f"{name} is an encoder-decoder model: its labels are not shifted as a causal LM's are, so "
+                         "crossent's causal-LM loss would be wrong. Fix: call crossent.linear_cross_entropy or "
+                         "crossent.cross_entropy on its outputs yourself")
+    loss_type = getattr(model, "loss_type", None)
+    stock = LOSS_MAPPING[loss_type] if loss_type in LOSS_MAPPING else ForCausalLMLoss
+    if stock is not ForCausalLMLoss:
+        raise ValueError(f"{name} computes a {loss_type!r} loss ({stock.__name__}), not the causal-LM loss crossent "
+                         "reproduces: its labels are not shifted. Fix: apply crossent only to causal language "
+                         "models (...ForCausalLM, ...LMHeadModel)")
+    names = _forward_code_names(model)
+    if names is not None and "loss_function" not in names:
+        raise ValueError(f"{name}.forward does not compute its loss through self.loss_function, so crossent cannot "
+                         "stand in for it. Fix: compute the loss yourself with crossent.linear_cross_entropy on "
+                         "the decoder's hidden states")
+    own = model.__dict__.get("_loss_function")
+    if own is not None and own is not causal_lm_loss:
+        raise ValueError(f"{name} already has its own loss_function ({getattr(own, '__name__', own)!r}) set on the "
+                         "instance; crossent would silently replace it. Fix: del model._loss_function first, or "
+                         "keep your loss and do not apply crossent")
+
+
+def _check_head(model, head):
+    name = _name(model)
+    if head is None:
+        raise ValueError(f"{name}.get_output_embeddings() is None: it has no output layer crossent can fuse with "
+                         "the loss (not a causal LM?). Fix: apply crossent only to causal language models")
+    if type(head) is not nn.Linear:
+        raise ValueError(f"{name}'s output layer is a {type(head).__module__}.{type(head).__qualname__}, not a "
+                         "plain torch.nn.Linear (a LoRA/PEFT adapter, a quantised or otherwise wrapped layer): "
+                         "crossent would use only its base weight. Fix: leave the lm_head out of the adapter "
+                         f"(e.g. LoRA target_modules without lm_head), or {_FIX_LOSS_FUNCTION}")
+    hooked = (head._forward_hooks or head._forward_pre_hooks or getattr(head, "_hf_hook", None) is not None
+              or "forward" in head.__dict__)
+    if hooked:
+        raise ValueError(f"{name}'s output layer has forward hooks or a replaced forward (adapters, offloading, "
+                         "FSDP, device maps): crossent reads its weight directly and would bypass them. Fix: "
+                         f"remove them, or {_FIX_LOSS_FUNCTION}")
+    w = head.weight
+    if type(w) not in (torch.Tensor, nn.Parameter):
+        raise ValueError(f"{name}'s output weight is a {type(w).__name__} (sharded, e.g. FSDP or tensor "
+                         "parallel), not a plain tensor. Fix: " + _FIX_LOSS_FUNCTION)
+
+
+def _check_linear(model):
+    name, cfg = _name(model), model.config
+    for attr, who in (("logit_scale", "Cohere"), ("logits_scaling", "Granite")):
+        value = getattr(cfg, attr, None)
+        if value is not None and value != 1:
+            raise ValueError(f"{name} scales its logits (config.{attr}={value}, as {who} models do): mode='linear' "
+                             f"does not apply that scale. Fix: {_FIX_LOSS_FUNCTION}")
+    tp = getattr(cfg, "pretraining_tp", 1) or 1
+    names = _forward_code_names(model)
+    if tp > 1 and (names is None or "pretraining_tp" in names):
+        raise ValueError(f"{name} splits its output layer into config.pretraining_tp={tp} slices in its forward: "
+                         "mode='linear' does not. Fix: set model.config.pretraining_tp = 1 (the same math), or "
+                         + _FIX_LOSS_FUNCTION)
+    if getattr(cfg, "output_router_logits", False):
+        raise ValueError(f"{name} adds a router auxiliary loss to its training loss (config.output_router_logits="
+                         f"True): mode='linear' computes the cross-entropy only. Fix: {_FIX_LOSS_FUNCTION}, or set "
+                         "config.output_router_logits = False")
+    _check_head(model, model.get_output_embeddings())
+    if model.base_model is model:
+        raise ValueError(f"{name} has no separate decoder (model.base_model is the model itself), so crossent "
+                         f"cannot run it without the output layer. Fix: {_FIX_LOSS_FUNCTION}")
+
+
+def _output_class(model):
+    try:
+        ret = typing.get_type_hints(inspect.unwrap(type(model).forward)).get("return")
+    except Exception:  # unresolved forward references: fall back
+        ret = None
+    for cand in (ret,) + typing.get_args(ret):
+        if isinstance(cand, type) and issubclass(cand, ModelOutput) and dataclasses.is_dataclass(cand):
+            if {"loss", "logits"} <= {f.name for f in dataclasses.fields(cand)}:
+                return cand
+    return CausalLMOutputWithPast
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the linear mode's forward
+
+
+def _is_default(value, default):
+    if value is default:
+        return True
+    if torch.is_tensor(value) or torch.is_tensor(default) or default is inspect.Parameter.empty:
+        return False
+    try:
+        return bool(value == default)
+    except Exception:
+        return False
+
+
+def _decoder_kwargs(model, state, named, extra):
+    """The CausalLM forward's arguments, as its decoder takes them (the stock forward passes them through)."""
+    out = {}
+    params = state.signature.parameters
+    for k, v in named.items():
+        if k in state.decoder_params:
+            out[k] = v
+        elif not _is_default(v, params[k].default):
+            raise TypeError(f"{_name(model)}.forward got {k}={_short(v)}, which its decoder "
+                            f"{type(model.base_model).__name__} does not take: crossent's linear mode cannot pass "
+                            f"it on. Fix: {_FIX_LOSS_FUNCTION}")
+    for k, v in extra.items():
+        if k == "past_key_values" and "cache" in state.decoder_params and "cache" not in out \
+                and "past_key_values" not in state.decoder_params:
+            out["cache"] = v  # the 5.x rename, done here as the stock decorator does
+        elif k in state.decoder_params or state.decoder_varkw:
+            out[k] = v
+        elif k not in _LOSS_ONLY_KWARGS:
+            raise TypeError(f"{_name(model)}.forward got {k}={_short(v)}, which its decoder "
+                            f"{type(model.base_model).__name__} does not take. Fix: {_FIX_LOSS_FUNCTION}")
+    return out
+
+
+def _short(v):
+    return f"<tensor {list(v.shape)}>" if torch.is_tensor(v) else repr(v)
+
+
+def _softcap(model):
+    return getattr(model.config, "final_logit_softcapping", None)
+
+
+def _head_loss(model, hidden, labels, shift_labels, num_items_in_batch, ignore_index):
+    head = model.get_output_embeddings()
+    _check_head(model, head)
+    w, b = head.weight, head.bias
+    if w.dim() != 2 or w.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"{_name(model)}'s output weight is {list(w.shape)} but the hidden states are "
+                         f"{list(hidden.shape)} (parameters not gathered? ZeRO-3 / FSDP shard them outside "
+                         f"the layer's forward). Fix: {_FIX_LOSS_FUNCTION}")
+    hidden = hidden.to(w.device)
+    target, shift = (shift_labels, False) if shift_labels is not None else (labels, True)
+    with _float32_loss(hidden):
+        return linear_cross_entropy(hidden, w, target.to(w.device), b, ignore_index=ignore_index, shift=shift,
+                                    softcap=_softcap(model), num_items=_num_items(num_items_in_batch, w.device))
+
+
+def _bind(model, state, args, kwargs):
+    """The call's arguments by name: (named parameters, the **kwargs dict), or None if they do not bind."""
+    try:
+        bound = state.signature.bind(model, *args, **kwargs)
+    except TypeError:
+        return None  # let the model's own forward raise its own error
+    named, extra = {}, {}
+    for i, (k, v) in enumerate(bound.arguments.items()):
+        kind = state.signature.parameters[k].kind
+        if i == 0:
+            continue  # self
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            extra.update(v)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            if v:
+                return None
+        else:
+            named[k] = v
+    return named, extra
+
+
+def _patched_forward(model, args, kwargs):
+    state = _state(model)
+    original = _original_forward(model, state)
+    if state is None or not state.active or state.mode != "linear" or not model.training:
+        return original(*args, **kwargs)
+    parts = _bind(model, state, args, kwargs)
+    if parts is None:
+        return original(*args, **kwargs)
+    named, extra = parts
+    labels = named.pop("labels", None)
+    if labels is None:
+        labels = extra.pop("labels", None)
+    if labels is None:
+        return original(*args, **kwargs)
+    return _linear_output(model, state, named, extra, labels)
+
+
+def _linear_output(model, state, named, extra, labels):
+    name = _name(model)
+    for k in _KEEP_NAMES:
+        keep = named.pop(k, extra.pop(k, 0))
+        if torch.is_tensor(keep) or (keep is not None and keep != 0):
+            raise ValueError(f"{name} got {k}={_short(keep)} together with labels in training mode: crossent's "
+                             f"linear mode computes the loss over every position and builds no logits to keep. "
+                             f"Fix: leave {k} at 0 when passing labels, or {_FIX_LOSS_FUNCTION}")
+    router = named.get("output_router_logits", extra.get("output_router_logits"))
+    if router:
+        raise ValueError(f"{name} got output_router_logits=True with labels: its training loss would include the "
+                         f"router auxiliary loss, which crossent's linear mode does not compute. Fix: "
+                         f"{_FIX_LOSS_FUNCTION}")
+    return_dict = getattr(model.config, "return_dict", True)
+    passed = extra.pop("return_dict", named.pop("return_dict", return_dict))
+    if passed is not None:
+        return_dict = passed
+    shift_labels = extra.get("shift_labels")
+    num_items = extra.get("num_items_in_batch")
+    ignore_index = extra.get("ignore_index", -100)
+
+    dec_out = model.base_model(**_decoder_kwargs(model, state, named, extra))
+    hidden = dec_out.last_hidden_state if isinstance(dec_out, ModelOutput) else dec_out[0]
+    loss = _head_loss(model, hidden, labels, shift_labels, num_items, ignore_index)
+
+    fields = {"loss": loss, "logits": None}
+    if isinstance(dec_out, ModelOutput):
+        for f in dataclasses.fields(state.output_class):
+            if f.name not in fields and f.name in dec_out:
+                fields[f.name] = dec_out[f.name]
+    out = state.output_class(**fields)
+    return out if return_dict else out.to_tuple()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the apply-time check
+
+
+def _self_check(model, state):
+    """One eval-mode forward of 8 tokens, stock and crossent's linear path: same logits, same loss."""
+    head = model.get_output_embeddings()
+    w, b = head.weight, head.bias
+    if w.device.type == "meta":
+        return
+    ids = ((torch.arange(8, device=w.device) * 7 + 3) % w.shape[0])[None]
+    kw = {"input_ids": ids}
+    if "use_cache" in state.signature.parameters:
+        kw["use_cache"] = False
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            stock = _original_forward(model, state)(**kw, labels=ids, return_dict=True)
+            named = dict(kw)
+            dec_out = model.base_model(**_decoder_kwargs(model, state, named, {}))
+            hidden = dec_out.last_hidden_state if isinstance(dec_out, ModelOutput) else dec_out[0]
+            mine = F.linear(hidden.to(w.device), w, b).double()
+            cap = _softcap(model)
+            if cap is not None:
+                mine = cap * torch.tanh(mine / cap)
+            loss = _head_loss(model, hidden, ids, None, None, -100)
+    except (ValueError, TypeError):
+        raise
+    except Exception as e:
+        raise RuntimeError(f"crossent could not run its apply-time check of {_name(model)} (one 8-token forward): "
+                           f"{type(e).__name__}: {e}. Fix: apply(model, check=False) to skip it") from e
+    finally:
+        model.train(was_training)
+    ref = stock.logits.double()
+    tol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(w.dtype, 3e-2)
+    scale = max(1.0, ref.abs().max().item())
+    if ref.shape != mine.shape or (ref - mine).abs().max().item() > tol * scale:
+        diff = "shape " + str(list(ref.shape)) if ref.shape != mine.shape else \
+            f"max difference {(ref - mine).abs().max().item():.3g}"
+        raise ValueError(f"{_name(model)}'s forward changes its logits after the output layer in a way crossent's "
+                         f"linear mode does not reproduce ({diff}, checked on 8 tokens in eval mode). Fix: "
+                         f"{_FIX_LOSS_FUNCTION}")
+    ref_loss = stock.loss.double().item()
+    tol = max(tol, 1e-5)  # the stock loss is computed in float32 (it casts the logits with .float())
+    if abs(loss.double().item() - ref_loss) > tol * max(1.0, abs(ref_loss)):
+        raise ValueError(f"{_name(model)}'s training loss is not the causal-LM cross-entropy of its logits "
+                         f"({ref_loss:.6g} vs crossent's {loss.item():.6g}, checked on 8 tokens in eval mode): it "
+                         f"adds other terms. Fix: {_FIX_LOSS_FUNCTION}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# public
+
+
+def apply(model, mode="linear", *, check=True):
+    r"""Make a Hugging Face causal LM compute its training loss with crossent.
+
+    Per instance: the class, ``LOSS_MAPPING`` and other models are untouched.
+    Applying again with the same mode returns the same handle (nothing is
+    wrapped twice); with the other mode, the first is removed first.
+
+    Args:
+        model (PreTrainedModel): a causal LM (``...ForCausalLM``,
+            ``GPT2LMHeadModel``, ...), before ``Trainer`` or ``accelerate``
+            wrap it. For a PEFT model, pass ``model.get_base_model()`` (the
+            adapters must leave the ``lm_head`` out in ``mode="linear"``).
+        mode (str, optional): ``"linear"``: in training mode with labels, the
+            model's forward runs the decoder and
+            :func:`crossent.linear_cross_entropy` (no logits; the output's
+            ``logits`` is ``None``); otherwise its own forward.
+            ``"loss_function"``: only ``model.loss_function`` becomes
+            :func:`causal_lm_loss` (logits are built; their float32 copy and
+            log-softmax are not). Default: ``"linear"``.
+        check (bool, optional): ``mode="linear"`` only: run one eval-mode
+            forward of 8 tokens through the stock model and through crossent's
+            path, and refuse the model if their logits or loss differ (a
+            forward that transforms its logits in a way crossent does not
+            know). ``False`` skips it (e.g. for sharded parameters that a
+            single forward cannot reach). Default: ``True``.
+
+    Returns:
+        CrossentHandle: ``handle.remove()`` undoes it (as :func:`remove`).
+
+    Raises:
+        ValueError / TypeError: what crossent cannot reproduce exactly (see the
+        module docstring), naming the model, the reason and the fix.
+
+    Example::
+
+        >>> import torch, transformers
+        >>> from crossent.integrations import transformers as ct
+        >>> cfg = transformers.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        ...                                num_attention_heads=2, num_key_value_heads=1, vocab_size=100)
+        >>> model = transformers.Qwen2ForCausalLM(cfg)
+        >>> handle = ct.apply(model)
+        >>> ids = torch.randint(0, 100, (2, 16))
+        >>> model(input_ids=ids, labels=ids).loss.backward()
+        >>> ct.remove(model)
+        True
+    """
+    _check_causal_lm(model, mode)
+    state = _state(model)
+    if state is not None and state.active:
+        if state.mode == mode:
+            return state
+        remove(model)
+        state = _state(model)
+    # state is now None, or dormant: our linear forward still sits inside a wrapper someone put on top of it
+    new = CrossentHandle(model, mode)
+    if state is not None:
+        new.previous_forward, new.function = state.previous_forward, state.function
+    if mode == "loss_function":
+        model.loss_function = causal_lm_loss
+        model.__dict__[_STATE] = new
+        return new
+
+    _check_linear(model)
+    new.signature = inspect.signature(type(model).forward)
+    new.output_class = _output_class(model)
+    dec_sig = inspect.signature(model.base_model.forward)
+    new.decoder_params = frozenset(k for k, p in dec_sig.parameters.items()
+                                   if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))
+    new.decoder_varkw = any(p.kind is p.VAR_KEYWORD for p in dec_sig.parameters.values())
+    install = new.function is None
+    if install:
+        new.previous_forward = model.__dict__.get("forward")
+        new.function = _make_forward(new.signature)
+    if check:
+        _self_check(model, new)  # before installing: a refusal leaves the model as it was
+    model.__dict__[_STATE] = new
+    if install:
+        model.forward = new.function.__get__(model, type(model))
+    return new
+
+
+def remove(model):
+    r"""Undo :func:`apply` on ``model``: its forward and ``loss_function`` are as before.
+
+    If something wrapped the model's forward after :func:`apply` (``accelerate``
+    does for mixed precision), that wrapper is kept and crossent's layer inside
+    it only passes calls through.
+
+    Args:
+        model (PreTrainedModel): a model given to :func:`apply`.
+
+    Returns:
+        bool: ``True`` if crossent was active on the model, else ``False``.
+
+    Example::
+
+        >>> from crossent.integrations import transformers as ct
+        >>> handle = ct.apply(model)          # doctest: +SKIP
+        >>> ct.remove(model), ct.remove(model)  # doctest: +SKIP
+        (True, False)
+    """
+    state = _state(model)
+    if state is None or not state.active:
+        return False
+    state.active = False
+    if state.mode == "loss_function":
+        if model.__dict__.get("_loss_function") is causal_lm_loss:
+            del model.__dict__["_loss_function"]
+        if state.function is None:
+            del model.__dict__[_STATE]
+        return True
+    current = model.__dict__.get("forward")
+    if getattr(current, "__func__", None) is state.function:
+        if state.previous_forward is None:
+            del model.__dict__["forward"]
+        else:
+            model.forward = state.previous_forward
+        del model.__dict__[_STATE]
+    # else someone wrapped our forward after apply: the state stays, inactive, and our layer passes calls through
+    return True
