@@ -18,9 +18,11 @@ import gc
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from typing import Callable, Dict, List, Optional
 
@@ -204,10 +206,8 @@ def _timed_step(forward: Callable, reset: Callable, phase: str, sync: Callable) 
     return step
 
 
-def run_worker(impl: str, kind: str, N: int, V: int, dtype: str, device: str, reps: int, H: int = 0,
-               warmup: int = 2) -> Dict:
-    """One measurement in this process. ``kind`` is ``index``, ``probs`` or ``linear``, optionally
-    with a phase: ``linear:loss`` times the forward alone, ``linear:grad`` the backward alone."""
+def _setup(impl: str, kind: str, N: int, V: int, dtype: str, device: str, H: int):
+    """The step of one case: ``(step, sync, keep)`` (see :func:`_timed_step`; ``keep`` holds the inputs)."""
     torch.manual_seed(0)
     dt = getattr(torch, dtype)
     base_kind, _, phase = kind.partition(":")
@@ -215,150 +215,601 @@ def run_worker(impl: str, kind: str, N: int, V: int, dtype: str, device: str, re
         forward, reset, keep = _make_linear_step(impl, N, H, V, dt, device)
     else:
         forward, reset, keep = _make_step(impl, base_kind, N, V, dt, device)
-    cuda = device.startswith("cuda")
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    step = _timed_step(forward, reset, phase, sync)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    return _timed_step(forward, reset, phase, sync), sync, keep
+
+
+def _times(step: Callable[[], float], sync: Callable, reps: int, warmup: int) -> List[float]:
     for _ in range(warmup):
         step()
     sync()
-    times = [step() for _ in range(reps)]
+    return [step() for _ in range(reps)]
+
+
+def _peak_bytes(step: Callable[[], float], keep, device: str) -> float:
+    """Peak memory of one more step beyond what is allocated (CUDA) or resident (CPU) before it."""
     for k in keep:
         k.grad = None
     gc.collect()
-    if cuda:
+    if device.startswith("cuda"):
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         step()
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - before
-    else:
-        before = _rss_kb("VmRSS") * 1024
-        ok = _reset_hwm()
-        step()
-        peak = _rss_kb("VmHWM") * 1024 - before if ok else float("nan")
+        return torch.cuda.max_memory_allocated() - before
+    before = _rss_kb("VmRSS") * 1024
+    ok = _reset_hwm()
+    step()
+    return _rss_kb("VmHWM") * 1024 - before if ok else float("nan")
+
+
+def _row(impl: str, kind: str, N: int, V: int, dtype: str, device: str, H: int, times: List[float],
+         peak: float) -> Dict:
+    dt = getattr(torch, dtype)
+    phase = kind.partition(":")[2]
+    med = statistics.median(times) if times else float("nan")
     return {"impl": impl, "kind": kind, "N": N, "H": H, "V": V, "dtype": dtype, "device": device,
-            "time_ms": statistics.median(times) * 1e3 if times else float("nan"), "peak_mb": peak / 2**20,
+            "time_ms": med * 1e3, "peak_mb": peak / 2**20,
             # achieved bandwidth counting one read of the logits and one write of the gradient
-            "gbps": 2 * N * V * dt.itemsize / statistics.median(times) / 1e9 if times else float("nan"),
+            "gbps": 2 * N * V * dt.itemsize / med / 1e9 if times else float("nan"),
             # linear + cross-entropy: 6 N H V flops (logits, input gradient, weight gradient); the
             # forward alone 2 N H V, the backward alone 4 N H V
-            "tflops": {"loss": 2, "grad": 4}.get(phase, 6) * N * H * V / statistics.median(times) / 1e12
-            if times and H else float("nan"),
+            "tflops": {"loss": 2, "grad": 4}.get(phase, 6) * N * H * V / med / 1e12 if times and H else float("nan"),
             "logits_mb": N * V * dt.itemsize / 2**20}
 
 
-def _worker(impl, kind, N, V, dtype, device, reps, H, warmup, env=None) -> Optional[Dict]:
-    cmd = [sys.executable, "-m", "crossent.bench", "--worker", impl, kind, str(N), str(V), dtype, device, str(reps),
-           str(H), str(warmup)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        sys.stderr.write(f"[{impl} {kind}] failed:\n{proc.stderr[-2000:]}\n")
-        return None
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def run_worker(impl: str, kind: str, N: int, V: int, dtype: str, device: str, reps: int, H: int = 0,
+               warmup: int = 2) -> Dict:
+    """One measurement in this process. ``kind`` is ``index``, ``probs`` or ``linear``, optionally
+    with a phase: ``linear:loss`` times the forward alone, ``linear:grad`` the backward alone."""
+    step, sync, keep = _setup(impl, kind, N, V, dtype, device, H)
+    times = _times(step, sync, reps, warmup)
+    return _row(impl, kind, N, V, dtype, device, H, times, _peak_bytes(step, keep, device))
 
 
-def run_case(impl: str, kind: str, N: int, V: int, dtype: str, device: str, reps: int, H: int = 0,
-             warmup: int = 2) -> Optional[Dict]:
-    """One measurement in fresh Python processes (no allocator or cache state carried over).
+def _mallopt(mmap_threshold: int, trim_threshold: int) -> bool:
+    """Set glibc's mmap and trim thresholds (``mallopt``) and give back the free heap
+    (``malloc_trim``). ``False`` where this is not glibc."""
+    import ctypes
 
-    On CPU the peak memory comes from a second process in which glibc's mmap
-    threshold is fixed at 64 KiB: otherwise buffers below its dynamic
-    threshold (up to 32 MiB) are recycled from a heap that the warm-up step
-    already made resident, and would not show in the measured step's peak.
+    try:
+        libc = ctypes.CDLL(None)
+        ok = libc.mallopt(-3, mmap_threshold) == 1 and libc.mallopt(-1, trim_threshold) == 1
+        libc.malloc_trim(0)
+        return bool(ok)
+    except (OSError, AttributeError):
+        return False
+
+
+def sweep_worker(impl: str, kind: str, N: int, Vs: List[int], dtype: str, device: str, reps: int, H: int = 0,
+                 warmup: int = 1, emit: Callable[[Dict], None] = lambda r: None) -> List[Dict]:
+    """Every vocabulary size of one (impl, kind) in this process, memory first, then times.
+
+    On CPU, the peak memory of each size (one warm-up step, then the measured
+    one) is taken with glibc mapping every buffer over 64 KiB on its own, as
+    :func:`run_case`'s memory process does through its environment; the
+    thresholds are then set to those that glibc's own rule reaches once large
+    buffers have been freed (32 MiB, trim 64 MiB), and the times of every size
+    are taken (``warmup`` untimed steps, ``reps`` timed). ``emit`` is called with
+    ``{"phase": "memory" | "time", "V": V}`` after each measurement.
     """
-    r = _worker(impl, kind, N, V, dtype, device, reps, H, warmup)
-    if r is None or device.startswith("cuda"):
-        return r
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    m = _worker(impl, kind, N, V, dtype, device, 0, H, 1, env)
-    if m is not None:
-        r["peak_mb"] = m["peak_mb"]
-    return r
-
-
-def compare(impls: List[str], kinds: List[str], N: int, V: int, dtype: str = "float32", device: str = "cpu",
-            reps: int = 7, baseline: str = "torch", progress: Optional[Callable[[str], None]] = None,
-            H: int = 0, warmup: int = 2, on_row: Optional[Callable[[List[Dict]], None]] = None) -> List[Dict]:
-    """Measure every (kind, impl) and add ratios against ``baseline`` of the same kind.
-    ``on_row(rows)`` is called after each measurement (a caller under a time limit keeps what it has)."""
+    cpu = not device.startswith("cuda")
+    if cpu:
+        _mallopt(65536, 0)
+    peaks = {}
+    for V in Vs:
+        step, sync, keep = _setup(impl, kind, N, V, dtype, device, H)
+        _times(step, sync, 0, 1)
+        peaks[V] = _peak_bytes(step, keep, device)
+        del step, keep
+        gc.collect()
+        emit({"phase": "memory", "V": V})
+    if cpu:
+        _mallopt(32 << 20, 64 << 20)
     rows = []
-    for kind in kinds:
-        base = None
-        for impl in impls:
-            if progress:
-                progress(f"{kind} / {impl}")
-            r = run_case(impl, kind, N, V, dtype, device, reps, H, warmup)
-            if r is None:
-                continue
-            if impl == baseline:
-                base = r
-            rows.append(r)
-            if on_row:
-                on_row(rows)
-        for r in rows:
-            if r["kind"] == kind and base is not None:
-                r["time_ratio"] = r["time_ms"] / base["time_ms"]
-                r["mem_ratio"] = r["peak_mb"] / base["peak_mb"] if base["peak_mb"] > 0 else float("nan")
+    for V in Vs:
+        step, sync, keep = _setup(impl, kind, N, V, dtype, device, H)
+        rows.append(_row(impl, kind, N, V, dtype, device, H, _times(step, sync, reps, warmup), peaks[V]))
+        del step, keep
+        gc.collect()
+        emit({"phase": "time", "V": V})
     return rows
 
 
+# --------------------------------------------------------------------------- peers and names
+
+KINDS = ("index", "probs", "linear")
+PHASE_NAMES = {"": "forward+backward", "loss": "forward only", "grad": "backward only"}
+#: impl names of --impls; "chunked@ROWS" (linear, a chunk of ROWS rows) is accepted as well
+IMPLS = {
+    "torch": "torch eager (PyTorch's F.cross_entropy; linear: the logits materialised)",
+    "compile": "torch.compile of the eager computation",
+    "auto": "crossent, impl='auto' (triton on CUDA, else chunked)",
+    "chunked": "crossent, impl='chunked'",
+    "triton": "crossent, impl='triton' (CUDA)",
+    "auto_inplace": "crossent auto with inplace_backward=True (cross_entropy only)",
+    "chunked_inplace": "crossent chunked with inplace_backward=True (cross_entropy only)",
+    "triton_inplace": "crossent triton with inplace_backward=True (cross_entropy only)",
+    "chunked_mm": "crossent chunked with torch.mm (MKL) instead of oneDNN (linear only)",
+    "liger": "Liger-Kernel (CUDA only)",
+    "cce": "Cut Cross-Entropy (linear only): its 'cce' kernels on CUDA, 'torch_compile' on CPU",
+    "cce_cce": "Cut Cross-Entropy, impl='cce' (CUDA)",
+    "cce_torch_compile": "Cut Cross-Entropy, impl='torch_compile'",
+}
+LABELS = {"torch": "torch eager", "compile": "torch.compile", "auto": "crossent (auto)", "chunked": "crossent chunked",
+          "triton": "crossent triton", "liger": "Liger-Kernel", "cce_cce": "Cut Cross-Entropy (cce)",
+          "cce_torch_compile": "Cut Cross-Entropy (torch_compile)"}
+PEERS = {"liger": ("liger_kernel", "Liger-Kernel", "pip install liger-kernel"),
+         "cce": ("cut_cross_entropy", "Cut Cross-Entropy", "pip install cut-cross-entropy")}
+
+
+def check_impl(name: str) -> None:
+    """Raise ``ValueError`` naming an unknown impl and the known ones."""
+    base, at, rows = name.partition("@")
+    if name in IMPLS or (base == "chunked" and at and rows.isdigit() and int(rows) > 0):
+        return
+    raise ValueError(f"unknown impl {name!r}: use any of {', '.join(IMPLS)}, or chunked@ROWS (e.g. chunked@256)")
+
+
+def resolve_impl(name: str, device: str) -> str:
+    """``cce`` becomes the Cut Cross-Entropy impl that runs on ``device``; other names stay."""
+    if name == "cce":
+        return "cce_cce" if device.startswith("cuda") else "cce_torch_compile"
+    return name
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def skip_reason(impl: str, kind: str, device: str) -> Optional[str]:
+    """Why ``impl`` cannot be measured for ``kind`` on ``device`` here, or ``None`` if it can."""
+    base = kind.partition(":")[0]
+    cuda = device.startswith("cuda")
+    if impl.startswith("cce"):
+        if not _installed("cut_cross_entropy"):
+            return "Cut Cross-Entropy is not installed (pip install cut-cross-entropy)"
+        if base != "linear":
+            return "Cut Cross-Entropy has only a linear + cross-entropy (--kinds linear)"
+        if impl == "cce_cce" and not cuda:
+            return "Cut Cross-Entropy's 'cce' kernels need CUDA; on CPU only cce_torch_compile runs"
+    if impl == "liger":
+        if not _installed("liger_kernel"):
+            return "Liger-Kernel is not installed (pip install liger-kernel)"
+        if not cuda:
+            return "Liger-Kernel's triton kernels need CUDA"
+        if base == "probs":
+            return "Liger-Kernel takes class indices only"
+    if impl.startswith("triton") and not cuda:
+        from .config import triton_interpreted
+
+        if not triton_interpreted():
+            return "crossent's triton kernels need CUDA (or TRITON_INTERPRET=1)"
+    if impl.endswith("_inplace") and base == "linear":
+        return "inplace_backward is a cross_entropy option: linear_cross_entropy has no logits to overwrite"
+    if (impl.startswith("chunked@") or impl == "chunked_mm") and base != "linear":
+        return f"{impl} is a linear_cross_entropy setting (--kinds linear)"
+    return None
+
+
+# --------------------------------------------------------------------------- sweeps
+
+
+def _skipped(impl: str, kind: str, N: int, H: int, V: int, dtype: str, device: str, note: str) -> Dict:
+    nan = float("nan")
+    return {"impl": impl, "kind": kind, "N": N, "H": H, "V": V, "dtype": dtype, "device": device, "time_ms": nan,
+            "peak_mb": nan, "gbps": nan, "tflops": nan, "logits_mb": N * V * getattr(torch, dtype).itemsize / 2**20,
+            "note": note}
+
+
+def _sweep_process(impl, kind, N, Vs, dtype, device, reps, H, warmup, tick) -> Dict[int, Dict]:
+    """:func:`sweep_worker` in a fresh process; ``tick()`` after each of its measurements.
+    Returns the rows by V; a size that failed has a row with ``note`` saying why."""
+    cmd = [sys.executable, "-m", "crossent.bench", "--sweep-worker", impl, kind, str(N), ",".join(map(str, Vs)),
+           dtype, device, str(reps), str(H), str(warmup)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rows: Dict[int, Dict] = {}
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(msg, dict) and "phase" in msg:
+            tick()
+        elif isinstance(msg, dict) and "impl" in msg:
+            rows[msg["V"]] = msg
+    err = proc.stderr.read() if proc.stderr else ""
+    proc.wait()
+    if proc.returncode != 0 or len(rows) < len(Vs):
+        why = _last_error(err) or f"exit status {proc.returncode}"
+        for V in Vs:
+            rows.setdefault(V, _skipped(impl, kind, N, H, V, dtype, device, f"failed: {why}"))
+    return rows
+
+
+def _last_error(stderr: str) -> str:
+    lines = [l.strip() for l in stderr.strip().splitlines() if l.strip()]
+    for l in reversed(lines):
+        if "Error" in l or "error" in l:
+            return l[:300]
+    return lines[-1][:300] if lines else ""
+
+
+def add_ratios(rows: List[Dict], baseline: str = "torch") -> None:
+    """``time_ratio`` and ``mem_ratio`` of each row against the ``baseline`` row of the same kind and V
+    (NaN where that row is missing, skipped or failed)."""
+    base = {(r["kind"], r["V"]): r for r in rows if r["impl"] == baseline and not r.get("note")}
+    nan = float("nan")
+    for r in rows:
+        b = base.get((r["kind"], r["V"]))
+        r["time_ratio"] = r["time_ms"] / b["time_ms"] if b and b["time_ms"] > 0 else nan
+        r["mem_ratio"] = r["peak_mb"] / b["peak_mb"] if b and b["peak_mb"] > 0 else nan
+
+
+def sweep(impls: List[str], kinds: List[str], N: int, Vs: List[int], dtype: str = "float32", device: str = "cpu",
+          reps: int = 7, H: int = 0, warmup: int = 2, per: str = "case", baseline: str = "torch",
+          progress: Optional[Callable[[str, float], None]] = None,
+          on_row: Optional[Callable[[List[Dict]], None]] = None) -> List[Dict]:
+    """Measure every (kind, impl, V); skip, with a note, what cannot run here.
+
+    Args:
+        impls, kinds (list of str): see ``crossent bench --help``; ``cce`` picks
+            Cut Cross-Entropy's impl for ``device``.
+        N, H (int): rows, and the hidden size of ``linear`` kinds.
+        Vs (list of int): vocabulary sizes.
+        per (str): ``"case"``: each (kind, impl, V) in fresh processes (:func:`run_case`);
+            ``"impl"``: one process per (kind, impl) measures every V (:func:`sweep_worker`).
+        progress (callable, optional): ``progress(description, advance)``; a
+            case advances by 1 in all.
+        on_row (callable, optional): called with the rows so far after each
+            measurement (a caller under a time limit keeps what it has).
+
+    Returns:
+        One row per (kind, impl, V), ordered that way, with ``time_ratio`` and
+        ``mem_ratio`` against ``baseline``; skipped and failed rows have NaN
+        times and a ``note``.
+    """
+    if per not in ("case", "impl"):
+        raise ValueError(f"per={per!r}: use 'case' or 'impl'")
+    rows: List[Dict] = []
+    progress = progress or (lambda desc, adv: None)
+
+    def done(new: List[Dict]) -> None:
+        rows.extend(new)
+        add_ratios(rows, baseline)
+        if on_row:
+            on_row(rows)
+
+    for kind in kinds:
+        for name in impls:
+            impl = resolve_impl(name, device)
+            why = skip_reason(impl, kind, device)
+            if why:
+                progress(f"{kind} {impl}: skipped", len(Vs))
+                done([_skipped(impl, kind, N, H, V, dtype, device, f"skipped: {why}") for V in Vs])
+                continue
+            if per == "impl":
+                progress(f"{kind} {impl}", 0)
+                by_v = _sweep_process(impl, kind, N, Vs, dtype, device, reps, H, warmup,
+                                      lambda: progress(f"{kind} {impl}", 0.5))
+                done([by_v[V] for V in Vs])
+                continue
+            for V in Vs:
+                progress(f"{kind} {impl} V={V}", 0)
+                r = run_case(impl, kind, N, V, dtype, device, reps, H, warmup)
+                progress(f"{kind} {impl} V={V}", 1)
+                done([r if r is not None else _skipped(impl, kind, N, H, V, dtype, device,
+                                                       "failed: the worker process failed (its error is above)")])
+    order = {(k, resolve_impl(i, device)): n for n, (k, i) in enumerate((k, i) for k in kinds for i in impls)}
+    rows.sort(key=lambda r: (order.get((r["kind"], r["impl"]), 0) // max(1, len(impls)), r["V"],
+                             order.get((r["kind"], r["impl"]), 0)))
+    return rows
+
+
+# --------------------------------------------------------------------------- output
+
+CSV_FIELDS = ["kind", "impl", "N", "H", "V", "dtype", "device", "time_ms", "gbps", "tflops", "peak_mb", "time_ratio",
+              "mem_ratio", "logits_mb", "note", "machine", "date"]
+
+
 def write_csv(rows: List[Dict], path: str) -> None:
+    """Write ``rows`` to ``path`` (folders made), with the machine and the date on every row.
+    Numbers have 4 significant digits; a skipped or failed row has empty numbers and a ``note``."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    fields = ["kind", "impl", "N", "H", "V", "dtype", "device", "time_ms", "gbps", "tflops", "peak_mb", "time_ratio", "mem_ratio",
-              "logits_mb", "machine", "date"]
+
+    def fmt(v):
+        if isinstance(v, float):
+            return "" if v != v else f"{v:.4g}"
+        return v
+
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow({**{k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()},
-                        "machine": machine(), "date": stamp})
+            w.writerow({**{k: fmt(v) for k, v in r.items()}, "machine": machine(), "date": stamp})
 
 
-def print_table(rows: List[Dict], title: str) -> None:
+def _kind_title(kind: str) -> str:
+    base, _, phase = kind.partition(":")
+    what = {"index": "cross_entropy, class indices", "probs": "cross_entropy, probabilities",
+            "linear": "linear_cross_entropy"}.get(base, base)
+    return f"{what}, {PHASE_NAMES.get(phase, phase)}"
+
+
+def _num(v: float, fmt: str) -> str:
+    return "-" if v != v else format(v, fmt)
+
+
+def print_table(rows: List[Dict], title: str, console=None) -> None:
+    """The rows as a rich table (plain lines without rich): time, peak memory, and both as ratios
+    of torch eager's, the machine below; skipped and failed impls once each, with the reason."""
     try:
         from rich.console import Console
         from rich.table import Table
     except ImportError:  # rich is an extra: fall back to plain text
         for r in rows:
             print(r)
+        print(f"machine: {machine()}")
         return
-    t = Table(title=title)
-    for col in ("target", "impl", "time ms", "x torch", "peak extra MB", "x torch"):
-        t.add_column(col, justify="right" if col not in ("target", "impl") else "left")
+    console = console or Console()
+    sweep_v = len({r["V"] for r in rows}) > 1
+    many_kinds = len({r["kind"] for r in rows}) > 1
+    t = Table(title=title, caption=f"machine: {machine()}")
+    cols = (["kind"] if many_kinds else []) + (["V"] if sweep_v else []) + ["impl", "time ms", "x torch",
+                                                                           "peak MB", "x torch"]
+    for col in cols:
+        t.add_column(col, justify="left" if col in ("kind", "impl") else "right", no_wrap=col == "impl")
+    notes: Dict = {}
     for r in rows:
-        t.add_row(r["kind"], r["impl"], f"{r['time_ms']:.1f}", f"{r.get('time_ratio', float('nan')):.2f}",
-                  f"{r['peak_mb']:.0f}", f"{r.get('mem_ratio', float('nan')):.2f}")
-    Console().print(t)
-    Console().print(f"machine: {machine()}")
+        lead = ([r["kind"]] if many_kinds else []) + ([str(r["V"])] if sweep_v else [])
+        if r.get("note"):
+            key = (r["kind"], r["impl"], r["note"])
+            if key not in notes:
+                notes[key] = len(notes) + 1
+                t.add_row(*lead[:-1], *(["all"] if sweep_v else []), r["impl"],
+                          f"[yellow]{r['note'].split(':')[0]} ({notes[key]})[/yellow]", "", "", "")
+            continue
+        t.add_row(*lead, r["impl"], _num(r["time_ms"], ".1f"), _num(r.get("time_ratio", float("nan")), ".2f"),
+                  _num(r["peak_mb"], ".1f"), _num(r.get("mem_ratio", float("nan")), ".2f"))
+    console.print(t)
+    for (kind, impl, note), n in notes.items():
+        console.print(f"({n}) {impl}{' / ' + kind if many_kinds else ''}: {note}", highlight=False)
+
+
+def plot(rows: List[Dict], path: str, title: str) -> None:
+    """Time and peak memory against the vocabulary size, one line per impl and one row of two
+    panels per kind, written as a PNG (matplotlib, Agg backend). Skipped impls are listed below."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = list(dict.fromkeys(r["kind"] for r in rows))
+    fig, axes = plt.subplots(len(kinds), 2, figsize=(12, 4.2 * len(kinds) + 1.2), squeeze=False)
+    Vs = sorted({r["V"] for r in rows})
+    notes = []
+    for ax_t, ax_m, kind in ((a[0], a[1], k) for a, k in zip(axes, kinds)):
+        for impl in dict.fromkeys(r["impl"] for r in rows if r["kind"] == kind):
+            pts = sorted((r["V"], r["time_ms"], r["peak_mb"]) for r in rows
+                         if r["kind"] == kind and r["impl"] == impl and not r.get("note"))
+            skipped = [r["note"] for r in rows if r["kind"] == kind and r["impl"] == impl and r.get("note")]
+            if skipped:
+                notes.append(f"{kind} / {impl}: {skipped[0]}")
+            if not pts:
+                continue
+            v, tm, mb = zip(*pts)
+            label = LABELS.get(impl, impl)
+            ax_t.plot(v, tm, marker="o", label=label)
+            ax_m.plot(v, mb, marker="o", label=label)
+        for ax, what, head in ((ax_t, "median time per step (ms)", "time"),
+                               (ax_m, "peak memory beyond the inputs (MB)", "peak memory")):
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(Vs)
+            ax.set_xticklabels([f"{v // 1024}k" if v % 1024 == 0 else str(v) for v in Vs])
+            ax.minorticks_off()
+            ax.set_ylim(bottom=0)
+            ax.set_xlabel("vocabulary size V (classes)")
+            ax.set_ylabel(what)
+            ax.set_title(f"{head}: {_kind_title(kind)}" if len(kinds) > 1 else head, fontsize=10)
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.suptitle(f"{title}\n{machine()}", fontsize=11)
+    if notes:
+        fig.text(0.01, 0.01, "\n".join(notes), fontsize=8, va="bottom", color="0.35")
+    fig.tight_layout(rect=(0, 0.03 * (1 + len(notes)) / len(kinds), 1, 1))
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- command line
+
+#: defaults, and those of --quick (a sweep of small linear_cross_entropy cases, about a minute on 2 CPU cores)
+DEFAULTS = {"N": 4096, "H": 0, "V": "32000", "impls": "torch,compile,auto,auto_inplace,liger,cce",
+            "kinds": "index,probs", "reps": 7, "warmup": 2, "per": "case"}
+QUICK = {"N": 256, "H": 128, "V": "2048,8192,32768", "impls": "torch,auto,cce,liger", "kinds": "linear",
+         "reps": 3, "warmup": 0, "per": "impl"}
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+def _default_out_dir() -> str:
+    here = os.path.join("benchmarks", "results")
+    return here if os.path.isdir(here) else "."
+
+
+def _parser() -> argparse.ArgumentParser:
+    def d(key):
+        return f"(default: {DEFAULTS[key]}; with --quick: {QUICK[key]})"
+
+    fill = textwrap.TextWrapper(width=min(100, shutil.get_terminal_size((100, 24)).columns - 2)).fill
+    ap = argparse.ArgumentParser(
+        prog="crossent bench", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=fill(
+            "Time and peak memory of cross-entropy implementations, side by side: crossent beside torch eager, "
+            "torch.compile, Liger-Kernel and Cut Cross-Entropy. A peer is measured where it is installed and "
+            "can run, and listed as skipped, with the reason, where not. Prints a table with the ratios to torch "
+            "eager and the machine, and writes a CSV and a PNG plot of time and peak memory against the "
+            "vocabulary size."),
+        epilog="\n\n".join([
+            fill("Peak memory is what a step adds beyond its inputs: on CUDA torch's max_memory_allocated; on "
+                 "CPU the process's resident high-water mark (Linux VmHWM), with glibc set to map every buffer "
+                 "over 64 KiB on its own, so that freed memory is not reused unseen."),
+            fill("Output files: with neither --csv nor --png, both go to --out-dir, named "
+                 "bench_quick_DEVICE.csv/.png with --quick and bench_KINDS_DTYPE_DEVICE_NN.csv/.png otherwise. "
+                 "--csv alone writes only that CSV, after each measurement (a run cut short keeps what it "
+                 "measured)."),
+            "examples:\n"
+            "  crossent bench --quick                  # about a minute on 2 CPU cores\n"
+            "  crossent bench --kinds linear --N 2048 --H 512 --V 8192,32000 --impls torch,compile,auto,cce\n"
+            "  crossent bench --kinds index --N 8192 --V 128256 --dtype bfloat16 --device cuda --csv ce.csv"]))
+    ap.add_argument("--worker", nargs=9, help=argparse.SUPPRESS)
+    ap.add_argument("--sweep-worker", nargs=9, help=argparse.SUPPRESS)
+    ap.add_argument("--quick", action="store_true",
+                    help=f"a quick sweep: linear_cross_entropy, N={QUICK['N']} H={QUICK['H']} "
+                         f"V={QUICK['V']}, {QUICK['reps']} timed steps, one process per impl; options given "
+                         f"explicitly still apply")
+    ap.add_argument("--kinds", help="comma-separated: index (class-index targets), probs (probability "
+                    "targets), linear (linear_cross_entropy, needs --H); a ':loss' or ':grad' suffix times the "
+                    "forward or the backward alone " + d("kinds"))
+    ap.add_argument("--impls", help="comma-separated, from: " + ", ".join(IMPLS) + ", chunked@ROWS. "
+                    "Peers that are not installed or cannot run here are listed as skipped " + d("impls"))
+    ap.add_argument("--N", type=int, help="rows (tokens) per step " + d("N"))
+    ap.add_argument("--V", help="vocabulary size (classes); comma-separated for a sweep, e.g. 8192,32000 "
+                    + d("V"))
+    ap.add_argument("--H", type=int, help="hidden size, needed by the linear kinds (linear_cross_entropy's "
+                    "input is [N, H], its weight [V, H]) " + d("H"))
+    ap.add_argument("--dtype", default="float32", choices=DTYPES, help="dtype of the logits or of the hidden "
+                    "states and weight (default: float32)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="cpu, cuda or cuda:K (default: cuda when available, else cpu; here: %(default)s)")
+    ap.add_argument("--reps", type=int, help="timed steps per case; the median is reported " + d("reps"))
+    ap.add_argument("--warmup", type=int, help="untimed steps before them " + d("warmup"))
+    ap.add_argument("--per", choices=("case", "impl"), help="case: each (kind, impl, V) in fresh processes, "
+                    "its memory measured in a second one; impl: one process per (kind, impl) measures every V, "
+                    "memory first (two steps per V, which also warm it up), then times (faster) " + d("per"))
+    ap.add_argument("--out-dir", help="folder of the CSV and PNG when --csv and --png are not given (default: "
+                    "benchmarks/results when the current folder has one, else the current folder)")
+    ap.add_argument("--csv", help="write the rows to this CSV file (then no PNG unless --png is given)")
+    ap.add_argument("--png", help="write the plot to this PNG file")
+    return ap
+
+
+def _settings(ap: argparse.ArgumentParser, a: argparse.Namespace) -> argparse.Namespace:
+    """Fill the defaults (--quick's or the plain ones) and check every value, with an error naming
+    the option, the value and the fix."""
+    preset = QUICK if a.quick else DEFAULTS
+    for key, value in preset.items():
+        if getattr(a, key) is None:
+            setattr(a, key, value)
+    for key in ("N", "reps"):
+        if getattr(a, key) < 1:
+            ap.error(f"--{key} {getattr(a, key)}: pass a positive integer, e.g. --{key} {QUICK[key]}")
+    if a.warmup < 0:
+        ap.error(f"--warmup {a.warmup}: pass 0 or more untimed steps, e.g. --warmup 1")
+    Vs = []
+    for part in str(a.V).split(","):
+        if not part.strip().isdigit() or int(part) < 2:
+            ap.error(f"--V {a.V!r}: {part!r} is not a vocabulary size; pass integers of at least 2, "
+                     "comma-separated, e.g. --V 8192,32000")
+        Vs.append(int(part))
+    a.Vs = sorted(dict.fromkeys(Vs))
+    a.kind_list = [k.strip() for k in a.kinds.split(",") if k.strip()]
+    for k in a.kind_list:
+        base, _, phase = k.partition(":")
+        if base not in KINDS or phase not in PHASES:
+            ap.error(f"--kinds: {k!r} is not a kind; use index, probs or linear, optionally with :loss or :grad "
+                     "(e.g. --kinds index,linear:loss)")
+    if any(k.startswith("linear") for k in a.kind_list) and a.H < 1:
+        ap.error(f"--kinds {a.kinds} measures linear_cross_entropy, which needs a hidden size: add --H, "
+                 "e.g. --H 512")
+    a.impl_list = [i.strip() for i in a.impls.split(",") if i.strip()]
+    if not a.impl_list or not a.kind_list:
+        ap.error("--impls and --kinds need at least one name each")
+    for i in a.impl_list:
+        try:
+            check_impl(i)
+        except ValueError as e:
+            ap.error(f"--impls: {e}")
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device {a.device}: CUDA is not available here; use --device cpu")
+    if not (a.device == "cpu" or a.device.startswith("cuda")):
+        ap.error(f"--device {a.device!r}: use cpu, cuda or cuda:K")
+    if a.csv is None and a.png is None:
+        out = a.out_dir or _default_out_dir()
+        if a.quick:
+            stem = f"bench_quick_{a.device.replace(':', '')}"
+        else:
+            kinds = "-".join(k.replace(":", "_") for k in a.kind_list)
+            stem = f"bench_{kinds}_{a.dtype}_{a.device.replace(':', '')}_N{a.N}"
+        a.csv, a.png = os.path.join(out, stem + ".csv"), os.path.join(out, stem + ".png")
+    elif a.out_dir:
+        a.csv = a.csv and os.path.join(a.out_dir, a.csv)
+        a.png = a.png and os.path.join(a.out_dir, a.png)
+    return a
+
+
+def _title(a: argparse.Namespace) -> str:
+    what = ", ".join(dict.fromkeys(_kind_title(k) for k in a.kind_list))
+    shape = f"N={a.N}" + (f", H={a.H}" if any(k.startswith("linear") for k in a.kind_list) else "")
+    vs = f"V={a.Vs[0]}" if len(a.Vs) == 1 else f"V in {{{', '.join(map(str, a.Vs))}}}"
+    return f"{what}; {shape}, {vs}, {a.dtype} on {a.device}"
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    ap = argparse.ArgumentParser(prog="crossent bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--worker", nargs=9, help=argparse.SUPPRESS)
-    ap.add_argument("--N", type=int, default=4096)
-    ap.add_argument("--V", type=int, default=32000)
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--impls", default="torch,compile,auto,auto_inplace")
-    ap.add_argument("--kinds", default="index,probs",
-                    help="index, probs, linear; a ':loss' or ':grad' suffix times the forward or the backward alone")
-    ap.add_argument("--H", type=int, default=0, help="hidden size: with --kinds linear, linear_cross_entropy")
-    ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--csv", default=None, help="write the rows to this CSV file")
+    """``crossent bench`` (see ``crossent bench --help``)."""
+    ap = _parser()
     a = ap.parse_args(argv)
     if a.worker:
         impl, kind, N, V, dtype, device, reps, H, warmup = a.worker
         print(json.dumps(run_worker(impl, kind, int(N), int(V), dtype, device, int(reps), int(H), int(warmup))))
         return
-    rows = compare(a.impls.split(","), a.kinds.split(","), a.N, a.V, a.dtype, a.device, a.reps,
-                   progress=lambda s: print(f"measuring {s} ...", file=sys.stderr, flush=True), H=a.H,
-                   warmup=a.warmup, on_row=(lambda rs: write_csv(rs, a.csv)) if a.csv else None)
-    print_table(rows, f"cross_entropy forward+backward, [{a.N}, {a.V}] {a.dtype} on {a.device}")
+    if a.sweep_worker:
+        impl, kind, N, Vs, dtype, device, reps, H, warmup = a.sweep_worker
+
+        def emit(msg):
+            print(json.dumps(msg), flush=True)
+
+        for r in sweep_worker(impl, kind, int(N), [int(v) for v in Vs.split(",")], dtype, device, int(reps),
+                              int(H), int(warmup), emit):
+            emit(r)
+        return
+    a = _settings(ap, a)
+    title = _title(a)
+    t0 = time.perf_counter()
+    write = (lambda rs: write_csv(rs, a.csv)) if a.csv else None
+    try:
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    except ImportError:  # rich is an extra
+        rows = sweep(a.impl_list, a.kind_list, a.N, a.Vs, a.dtype, a.device, a.reps, a.H, a.warmup, a.per,
+                     progress=lambda s, adv: adv == 0 and print(f"measuring {s} ...", file=sys.stderr, flush=True),
+                     on_row=write)
+        console = None
+    else:
+        console = Console()
+        total = len(a.kind_list) * len(a.impl_list) * len(a.Vs)
+        with Progress(TextColumn("[bold]measuring[/bold] {task.description}"), BarColumn(),
+                      TextColumn("{task.completed:.0f}/{task.total} cases"), TimeElapsedColumn(),
+                      console=Console(stderr=True)) as bar:
+            task = bar.add_task("", total=total)
+            rows = sweep(a.impl_list, a.kind_list, a.N, a.Vs, a.dtype, a.device, a.reps, a.H, a.warmup, a.per,
+                         progress=lambda s, adv: bar.update(task, description=s, advance=adv), on_row=write)
+    print_table(rows, title, console)
     if a.csv:
         write_csv(rows, a.csv)
+    if a.png:
+        plot(rows, a.png, title)
+    wrote = " and ".join(p for p in (a.csv, a.png) if p)
+    msg = f"wrote {wrote} in {time.perf_counter() - t0:.0f} s"
+    (console.print(msg) if console else print(msg))
 
 
 if __name__ == "__main__":

@@ -104,27 +104,47 @@ def train_digits(epochs: int = 40, progress: bool = True, seed: int = 0) -> floa
         return float((model(Xte).argmax(1) == yte).float().mean())
 
 
-def demo(epochs: int = 40) -> float:
+def demo(epochs: int = 40, part: str = "all", lm_seconds: float = 50.0, lm_vocab: int = 4096) -> None:
+    """``crossent demo``: the seed example beside PyTorch and a classifier trained with one-hot
+    targets (part ``"classifier"``), then a small language model trained twice, with
+    materialised logits and with ``linear_cross_entropy`` (part ``"lm"``,
+    :func:`crossent.demo_lm.lm_demo`).
+
+    Args:
+        epochs (int): epochs of the classifier. Default: 40.
+        part (str): ``"all"`` | ``"classifier"`` | ``"lm"``. Default: ``"all"``.
+        lm_seconds (float): the language model's time budget, both runs together. Default: 50.
+        lm_vocab (int): the language model's vocabulary size. Default: 4096.
+    """
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
-    console.rule("[bold]crossent demo[/bold]")
-    console.print("Four images -- no dog nor cat, dog, cat, cat -- as logits [4, 3], and the usual ways to "
-                  "hand the labels to a cross-entropy loss:\n")
-    table = Table(show_lines=True)
-    table.add_column("case", style="bold")
-    table.add_column("torch.nn.functional.cross_entropy")
-    table.add_column("crossent.cross_entropy")
-    for case, theirs, ours in seed_example_rows():
-        table.add_row(case, theirs, ours)
-    console.print(table)
-    console.print("\nTraining a small classifier on scikit-learn's handwritten digits (1797 images, 8x8), "
-                  "one-hot targets, label smoothing 0.1, crossent.CrossEntropyLoss:")
-    t0 = time.perf_counter()
-    acc = train_digits(epochs)
-    console.print(f"test accuracy: [bold green]{acc:.1%}[/bold green]  ({time.perf_counter() - t0:.1f} s)")
-    return acc
+    if part in ("all", "classifier"):
+        console.rule("[bold]crossent demo: the loss[/bold]")
+        console.print("Four images -- no dog nor cat, dog, cat, cat -- as logits [4, 3], and the usual ways to "
+                      "hand the labels to a cross-entropy loss:\n")
+        table = Table(show_lines=True)
+        table.add_column("case", style="bold")
+        table.add_column("torch.nn.functional.cross_entropy")
+        table.add_column("crossent.cross_entropy")
+        for case, theirs, ours in seed_example_rows():
+            table.add_row(case, theirs, ours)
+        console.print(table)
+        console.print("\nTraining a small classifier on scikit-learn's handwritten digits (1797 images, 8x8), "
+                      "one-hot targets, label smoothing 0.1, crossent.CrossEntropyLoss:")
+        t0 = time.perf_counter()
+        acc = train_digits(epochs)
+        console.print(f"test accuracy: [bold green]{acc:.1%}[/bold green]  ({time.perf_counter() - t0:.1f} s)")
+    if part in ("all", "lm"):
+        from .demo_lm import lm_demo
+
+        console.print()
+        console.rule("[bold]crossent demo: a language model without its logits[/bold]")
+        console.print("A small language model trained twice from the same seed on the same batches: once with "
+                      "materialised logits (torch.nn.functional.cross_entropy on head(h)), once with "
+                      "crossent.linear_cross_entropy(h, head.weight, tokens, shift=True).")
+        lm_demo(lm_seconds, lm_vocab, console=console)
 
 
 def info() -> None:
@@ -157,24 +177,56 @@ def info() -> None:
     Console().print(t)
 
 
+def _positive(kind: type, what: str):
+    """An argparse type: a positive ``kind`` (int or float), with an error naming the value and the fix."""
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}: "
+                                             f"pass {what}") from None
+        if not v > 0:
+            raise argparse.ArgumentTypeError(f"{text!r} must be positive: pass {what}")
+        return v
+
+    return parse
+
+
 def main(argv: Optional[List[str]] = None) -> None:
+    """The ``crossent`` command: ``demo``, ``info`` and ``bench`` (``crossent bench --help``)."""
     ap = argparse.ArgumentParser(prog="crossent", description="A drop-in cross-entropy for PyTorch.")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="the seed example beside PyTorch, then a short training run")
-    d.add_argument("--epochs", type=int, default=40)
+    d = sub.add_parser("demo", help="the seed example beside PyTorch, a short classifier run, then a small "
+                       "language model trained with and without its logits",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d.add_argument("--part", choices=("all", "classifier", "lm"), default="all",
+                   help="which part to run: the seed example and classifier, the language model, or both")
+    d.add_argument("--epochs", type=_positive(int, "a number of epochs, e.g. --epochs 40"), default=40,
+                   help="epochs of the digits classifier")
+    d.add_argument("--lm-seconds", type=_positive(float, "a time budget in seconds, e.g. --lm-seconds 50"),
+                   default=50.0, help="time budget of the language model, both runs together (the second run "
+                   "takes as many steps as the first made in half of it)")
+    d.add_argument("--lm-vocab", type=_positive(int, "a vocabulary size of at least 257, e.g. --lm-vocab 4096"),
+                   default=4096, help="vocabulary of the language model: the 256 bytes + the most frequent words")
     sub.add_parser("info", help="versions, devices and the impl 'auto' picks")
-    sub.add_parser("bench", help="time and peak memory beside PyTorch (each case in a fresh process)",
-                       add_help=False)
+    sub.add_parser("bench", help="time and peak memory beside PyTorch and peers, as a table, CSV and plot "
+                   "(crossent bench --help)", add_help=False)
     args, rest = ap.parse_known_args(argv)
-    if args.cmd == "demo":
-        demo(args.epochs)
-    elif args.cmd == "info":
-        info()
-    else:
+    if args.cmd == "bench":
         from .bench import main as bench_main
 
         bench_main(rest)
-
+        return
+    if rest:
+        ap.error(f"unrecognized arguments for 'crossent {args.cmd}': {' '.join(rest)} "
+                 f"(see crossent {args.cmd} --help)")
+    if args.cmd == "demo":
+        if args.lm_vocab < 257:
+            d.error(f"--lm-vocab {args.lm_vocab}: the 256 bytes take the first ids; pass at least 257, "
+                    "e.g. --lm-vocab 4096")
+        demo(args.epochs, args.part, args.lm_seconds, args.lm_vocab)
+    else:
+        info()
 
 
 if __name__ == "__main__":
