@@ -22,6 +22,16 @@ logging.getLogger("transformers").setLevel(logging.ERROR)
 transformers.logging.set_verbosity_error()
 
 V, B, T = 96, 2, 12
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny matmuls: with 2 threads on a busy 2-core machine each waits on the other (~30 ms a matmul)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 RTOL = 2e-6  # float32 precision of the stock loss
 
 
