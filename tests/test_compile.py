@@ -1,93 +1,303 @@
-"""torch.compile: the fused autograd functions trace without a graph break and
-give the eager gradients (CPU, chunked impl; aot_eager keeps the test fast)."""
+"""torch.compile with default settings (value checks on): fullgraph, no graph break, at most two
+compiles across varying sizes (one with dynamic=True), the float64 oracle's results, NaN at a bad
+value's position, and opcheck on every registered op.
+
+Most grids run the ``aot_eager`` backend (AOTAutograd, the fake functions and the registered
+autograd of the ops, without inductor's C++ compile); one test per public entry point runs
+inductor. The triton impl runs under ``TRITON_INTERPRET=1`` through its opaque op (the
+``triton_op``, which inductor sees into, needs a GPU: tests/test_gpu.py).
+"""
+
+import os
 
 import pytest
 import torch
 import torch._dynamo
+from torch._dynamo.testing import CompileCounterWithBackend
 
 import crossent
-from oracle import assert_close
+from crossent import SparseTarget
+from crossent.functional import _Logits
+from crossent.ops.custom import OPS, _pack
+from crossent.options import make_options
+from crossent.reduction import plan_reduction
+from crossent.targets import normalize_target
+from oracle import assert_close, torch_loss
+
+F = torch.nn.functional
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+IMPLS = ["chunked"] + (["triton"] if INTERPRETED else [])
 
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
     torch._dynamo.reset()
-    prev = crossent.set_checks(False)  # value checks read the data: a graph break by design
+    assert crossent.checks_enabled(), "the compile tests run with the default settings: value checks on"
     yield
-    crossent.set_checks(prev)
     torch._dynamo.reset()
 
 
-def _grads(fn, *inputs, go=None):
+def _target(kind, shape, C, dtype=torch.float32, g=None):
+    """A target of ``kind`` for positions ``shape`` over ``C`` classes (classes last)."""
+    if kind == "index":
+        t = torch.randint(0, C, shape, generator=g)
+        t.view(-1)[0] = -100
+        return t
+    if kind == "one_hot":
+        return F.one_hot(torch.randint(0, C, shape, generator=g), C)
+    if kind == "probs":
+        return torch.softmax(torch.randn(*shape, C, generator=g, dtype=dtype), -1)
+    idx = torch.randint(0, C, (*shape, 3), generator=g)
+    return SparseTarget(idx, torch.rand(*shape, 3, generator=g, dtype=dtype))
+
+
+def _compiles(cnt: CompileCounterWithBackend) -> int:
+    """Graphs compiled (dynamo may also hand the backend an empty graph for a frame with no tensor op)."""
+    return sum(1 for gm in cnt.graphs if len(gm.graph.nodes))
+
+
+def _grads(fn, *inputs):
+    """``(out, *grads)`` with an incoming gradient of ones (a fixed non-uniform one for a vector)."""
     ins = [i.detach().clone().requires_grad_(True) for i in inputs]
     out = fn(*ins)
-    grads = torch.autograd.grad(out, ins, torch.ones_like(out) if go is None else go)
+    go = torch.ones_like(out) if out.dim() == 0 else torch.linspace(0.5, 1.5, out.numel()).reshape(out.shape)
+    grads = torch.autograd.grad(out, ins, go.to(out.dtype))
     return (out.detach(), *grads)
 
 
-@pytest.mark.parametrize("kw", [dict(label_smoothing=0.1, weight=torch.rand(7) + 0.1),
-                                dict(z_loss=1e-3, reduction="none", softcap=3.0),
-                                dict(inplace_backward=True, num_items=9)])
-def test_cross_entropy_fullgraph(kw):
-    x = torch.randn(6, 4, 7)
-    t = torch.randint(0, 7, (6, 4))
-    t[0, 0] = -100
-
-    def f(x):
-        return crossent.cross_entropy(x * 1, t, dim=-1, impl="chunked", **kw)
-
-    explain = torch._dynamo.explain(f)(x)
-    assert explain.graph_break_count == 0, explain.break_reasons
-    compiled = _grads(torch.compile(f, backend="aot_eager", fullgraph=True), x)
-    eager_kw = {k: v for k, v in kw.items() if k != "inplace_backward"}
-    ref = _grads(lambda a: crossent.cross_entropy(a * 1, t, dim=-1, impl="torch", **eager_kw), x)
-    for a, b in zip(compiled, ref):
-        assert_close(a, b.double(), torch.float32)
+OPTION_SETS = [dict(), dict(label_smoothing=0.1, z_loss=1e-3), dict(reduction="none", softcap=3.0),
+               dict(reduction="sum", weight=True), dict(num_items=7, return_extras=True)]
 
 
-def test_linear_cross_entropy_fullgraph_and_none():
-    h = torch.randn(2, 6, 8)
-    W = torch.randn(11, 8)
-    t = torch.randint(0, 11, (2, 6))
-    for reduction, fullgraph in (("mean", True), ("none", False)):
-        def f(h, W):
-            return crossent.linear_cross_entropy(h, W, t, shift=True, label_smoothing=0.1, reduction=reduction,
-                                                 impl="chunked").sum()
+def _ce_call(kind, opts, impl, C):
+    kw = dict(opts)
+    if kw.pop("weight", False):
+        kw["weight"] = torch.linspace(0.5, 2.0, C)
+    extras = kw.get("return_extras", False)
 
-        compiled = _grads(torch.compile(f, backend="aot_eager", fullgraph=fullgraph), h, W)
-        ref = _grads(lambda h, W: crossent.linear_cross_entropy(h, W, t, shift=True, label_smoothing=0.1,
-                                                                reduction=reduction, impl="torch").sum(), h, W)
-        for a, b in zip(compiled, ref):
-            assert_close(a, b.double(), torch.float32)
+    def f(x, t):
+        out = crossent.cross_entropy(x, t, dim=-1, impl=impl, **kw)
+        return out[0] + 0 * out[1]["lse"].sum() if extras else out
+
+    def oracle(x, t):
+        o = {k: v for k, v in kw.items() if k != "return_extras"}
+        if "weight" in o:
+            o["weight"] = o["weight"].double()
+        tt = t.to_dense(C).double() if isinstance(t, SparseTarget) else \
+            (t.argmax(-1) if t.dtype == torch.long and t.dim() == x.dim() else t.double() if t.is_floating_point() else t)
+        return torch_loss(x.double(), tt, dim=-1, **o)
+    return f, oracle
 
 
-def test_inductor_compiles_a_model_with_the_loss():
-    model = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
-    loss_fn = crossent.CrossEntropyLoss(label_smoothing=0.1, impl="chunked")
-    x = torch.randn(32, 5)
-    t = torch.nn.functional.one_hot(torch.randint(0, 4, (32,)), 4)
+# each target kind with its own option sets (every option appears; the grid stays small: each
+# compile costs seconds)
+KIND_OPTIONS = {"index": [0, 1], "one_hot": [3], "probs": [2], "sparse": [4]}
+CE_CASES = [("chunked", k, d) for k in KIND_OPTIONS for d in (None, True)] + \
+    ([("triton", "index", None), ("triton", "probs", True)] if INTERPRETED else [])
 
-    def step(x):
-        return loss_fn(model(x), t)
 
-    compiled = torch.compile(step, fullgraph=True)
-    loss = compiled(x)
+@pytest.mark.parametrize("impl,kind,dynamic", CE_CASES)
+def test_cross_entropy_fullgraph_varying_sizes(impl, kind, dynamic):
+    """Every target kind and option: no graph break with checks on, the float64 oracle's loss and
+    gradient at every size, at most two compiles (dynamic=None: static, then dynamic) or one."""
+    C = 11
+    g = torch.Generator().manual_seed(0)
+    for opts in [OPTION_SETS[i] for i in KIND_OPTIONS[kind]]:
+        torch._dynamo.reset()
+        f, oracle = _ce_call(kind, opts, impl, C)
+        cnt = CompileCounterWithBackend("aot_eager")
+        cf = torch.compile(f, backend=cnt, fullgraph=True, dynamic=dynamic)
+        for T in (5, 6, 9):
+            x = torch.randn(2, T, C, generator=g)
+            t = _target(kind, (2, T), C, g=g)
+            got = _grads(lambda a: cf(a, t), x)
+            ref = _grads(lambda a: oracle(a, t), x.double())
+            for a, b in zip(got, ref):
+                assert_close(a, b, torch.float32, f"{kind} {opts} T={T}")
+        assert _compiles(cnt) <= (1 if dynamic else 2), f"{opts}: {_compiles(cnt)} compiles"
+
+
+LCE_CASES = [("chunked", k, r) for k in ("index", "probs", "sparse") for r in ("mean", "none")] + \
+    ([("triton", "index", "mean")] if INTERPRETED else [])
+
+
+@pytest.mark.parametrize("impl,kind,reduction", LCE_CASES)
+def test_linear_cross_entropy_fullgraph_varying_sizes(impl, kind, reduction):
+    """shift=True, a bias, z-loss and smoothing; the float64 oracle's loss and input, weight and
+    bias gradients; at most two compiles across four sequence lengths."""
+    V, H = 13, 8
+    g = torch.Generator().manual_seed(1)
+    W, b = torch.randn(V, H, generator=g), torch.randn(V, generator=g)
+
+    def f(h, W, b, t):
+        return crossent.linear_cross_entropy(h, W, t, b, shift=True, z_loss=1e-3, label_smoothing=0.1,
+                                             reduction=reduction, impl=impl)
+
+    def oracle(h, W, b, t):
+        logits = (h[:, :-1] @ W.T + b)
+        tt = t.to_dense(V).double()[:, 1:] if isinstance(t, SparseTarget) else \
+            (t.double()[:, 1:] if t.is_floating_point() else t[:, 1:])
+        return torch_loss(logits, tt, dim=-1, z_loss=1e-3, label_smoothing=0.1, reduction=reduction)
+
+    cnt = CompileCounterWithBackend("aot_eager")
+    cf = torch.compile(f, backend=cnt, fullgraph=True)
+    for T in (4, 5, 7):
+        h = torch.randn(2, T, H, generator=g)
+        t = _target(kind, (2, T), V, g=g)
+        got = _grads(lambda h, W, b: cf(h, W, b, t), h, W, b)
+        ref = _grads(lambda h, W, b: oracle(h, W, b, t), h.double(), W.double(), b.double())
+        for a, r in zip(got, ref):
+            assert_close(a, r, torch.float32, f"{kind} T={T}")
+    assert _compiles(cnt) <= 2
+
+
+def test_inductor_each_public_entry_point():
+    """Inductor, fullgraph, checks on: cross_entropy, linear_cross_entropy and both modules in one
+    training step whose batch size varies; two compiles at most; the float64 oracle's gradients."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh())
+    head = torch.nn.Linear(16, 9, bias=False)
+    ce_mod = crossent.CrossEntropyLoss(label_smoothing=0.1)
+    lce_mod = crossent.LinearCrossEntropyLoss(z_loss=1e-3)
+
+    def step(x, y, y1h):
+        h = model(x)
+        return (crossent.cross_entropy(head(h), y) + ce_mod(head(h), y1h)
+                + crossent.linear_cross_entropy(h, head.weight, y, label_smoothing=0.2) + lce_mod(h, head.weight, y))
+
+    cnt = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(step, backend=cnt, fullgraph=True)
+    params = list(model.parameters()) + list(head.parameters())
+    for n in (8, 11, 13):
+        x, y = torch.randn(n, 5), torch.randint(0, 9, (n,))
+        y[0] = -100
+        y1h = F.one_hot(y.clamp(min=0), 9)
+        loss = compiled(x, y, y1h)
+        got = torch.autograd.grad(loss, params)
+        # the oracle: the same model in float64 with torch's own losses
+        p64 = [p.detach().double().requires_grad_(True) for p in params]
+        h = torch.tanh(x.double() @ p64[0].T + p64[1])
+        logits = h @ p64[2].T
+        ref = (F.cross_entropy(logits, y) + F.cross_entropy(logits, y.clamp(min=0), label_smoothing=0.1)
+               + F.cross_entropy(logits, y, label_smoothing=0.2) + torch_loss(logits, y, z_loss=1e-3))
+        ref_g = torch.autograd.grad(ref, p64)
+        assert_close(loss.detach(), ref.detach(), torch.float32, f"n={n} loss")
+        for a, b in zip(got, ref_g):
+            assert_close(a, b, torch.float32, f"n={n} grad")
+    assert _compiles(cnt) <= 2
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bad_values_give_nan_at_their_position_under_compile(impl):
+    """Under compile the value checks cannot read the data: a bad value gives NaN at its position
+    (never a graph break, never an error, never an assert) and leaves the other positions right.
+    The same calls raise in eager, where the checks run."""
+    C = 5
+    x = torch.randn(6, C)
+    cases = {
+        "index out of range": torch.tensor([0, 1, 7, 2, 3, 4]),
+        "negative index": torch.tensor([0, 1, -3, 2, 3, 4]),
+        "multi-hot row": F.one_hot(torch.tensor([0, 1, 2, 2, 3, 4]), C).index_put_((torch.tensor([2]), torch.tensor([0])), torch.tensor(1)),
+        "NaN probability": torch.softmax(torch.randn(6, C), -1).index_put_((torch.tensor([2]), torch.tensor([1])), torch.tensor(float("nan"))),
+        "top-k index out of range": SparseTarget(torch.tensor([[0, 1]] * 2 + [[9, 1]] + [[2, 3]] * 3), torch.full((6, 2), 0.5)),
+    }
+    for what, t in cases.items():
+        with pytest.raises(ValueError):
+            crossent.cross_entropy(x, t, impl=impl)
+        torch._dynamo.reset()
+        f = torch.compile(lambda a: crossent.cross_entropy(a, t, reduction="none", impl=impl), backend="aot_eager",
+                          fullgraph=True)
+        per_pos = f(x)
+        assert torch.isnan(per_pos[2]), what
+        good = [0, 1, 3, 4, 5]
+        with crossent.checks(False):
+            eager = crossent.cross_entropy(x, t, reduction="none", impl="torch")
+        torch.testing.assert_close(per_pos[good], eager[good], msg=what)
+        mean = torch.compile(lambda a: crossent.cross_entropy(a, t, impl=impl), backend="aot_eager", fullgraph=True)
+        assert torch.isnan(mean(x)), what
+
+
+def test_inplace_backward_is_ignored_under_compile():
+    """Traced, nothing is written in place: the logits keep their values, the gradient is right."""
+    x = torch.randn(6, 7)
+    t = torch.randint(0, 7, (6,))
+
+    def f(a):
+        logits = a * 2
+        loss = crossent.cross_entropy(logits, t, inplace_backward=True)
+        return loss, logits
+
+    xa = x.clone().requires_grad_(True)
+    loss, logits = torch.compile(f, backend="aot_eager", fullgraph=True)(xa)
     loss.backward()
-    got = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    torch.nn.functional.cross_entropy(model(x), t.argmax(1), label_smoothing=0.1).backward()
-    for a, p in zip(got, model.parameters()):
-        assert torch.allclose(a, p.grad, atol=1e-6)
+    torch.testing.assert_close(logits.detach(), x * 2)
+    xb = x.clone().requires_grad_(True)
+    F.cross_entropy(xb * 2, t).backward()
+    torch.testing.assert_close(xa.grad, xb.grad)
 
 
-def test_inductor_compiles_linear_cross_entropy():
-    # eager CPU float32 routes the chunk GEMMs through oneDNN; inductor must get plain matmuls
-    x = torch.randn(70, 16, requires_grad=True)
-    W = torch.randn(301, 16, requires_grad=True)
-    t = torch.randint(0, 301, (70,))
-    compiled = torch.compile(lambda x, W: crossent.linear_cross_entropy(x, W, t, impl="chunked", chunk_size=32),
-                             fullgraph=True)
-    got = _grads(compiled, x, W)
-    ref = _grads(lambda x, W: torch.nn.functional.cross_entropy(x.double() @ W.double().T, t), x, W)
-    for a, b in zip(got, ref):
-        assert_close(a, b, torch.float32)
+def test_extras_under_compile():
+    x = torch.randn(3, 4, 6)
+    t = torch.randint(0, 6, (3, 4))
+    f = torch.compile(lambda a: crossent.cross_entropy(a, t, dim=-1, z_loss=1e-2, return_extras=True),
+                      backend="aot_eager", fullgraph=True)
+    _, got = f(x)
+    _, ref = crossent.cross_entropy(x, t, dim=-1, z_loss=1e-2, return_extras=True)
+    for k in ("lse", "z_loss", "predicted"):
+        assert got[k].shape == (3, 4)
+        torch.testing.assert_close(got[k], ref[k])
+
+
+# ----------------------------------------------------------------- opcheck on the registered ops
+
+def _ce_op_args(kind, reduction, weight):
+    C = 5
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, C, 2, generator=g, requires_grad=True)
+    t = _target(kind, (3, 2), C, g=g)
+    if kind in ("probs", "one_hot"):
+        t = t.movedim(-1, 1)
+    w = torch.linspace(0.5, 2, C) if weight else None
+    opts = make_options(classes=C, device=x.device, weight=w, reduction=reduction, label_smoothing=0.1,
+                        z_loss=1e-2, softcap=2.0, return_extras=True)
+    tgt = normalize_target(t, x, 1, "auto", -100)
+    red = plan_reduction(tgt, opts, torch.float32, x.device, torch.Size([3, 2]), torch.float32)
+    return (x,), dict(**_pack(tgt, opts, red), want_grad=True)
+
+
+def _lce_op_args(kind, reduction, bias):
+    V, H = 5, 8
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(6, H, generator=g, requires_grad=True)
+    W = torch.randn(V, H, generator=g, requires_grad=True)
+    b = torch.randn(V, generator=g, requires_grad=True) if bias else None
+    t = _target(kind, (6,), V, g=g)
+    opts = make_options(classes=V, device=x.device, reduction=reduction, label_smoothing=0.1, z_loss=1e-2,
+                        softcap=2.0, return_extras=True)
+    tgt = normalize_target(t, _Logits((6, V), x.device), 1, "auto", -100)
+    red = plan_reduction(tgt, opts, torch.float32, x.device, torch.Size([6]), torch.float32)
+    return (x, W, b, None), dict(**_pack(tgt, opts, red), chunk_size=None, filter_eps=None, want_dx=True,
+                                 want_dw=True, want_db=bias, row_scale=None)
+
+
+@pytest.mark.parametrize("suffix", ["chunked"] + (["triton_interpreted"] if INTERPRETED else []))
+def test_opcheck(suffix):
+    """``torch.library.opcheck``: schema, fake functions, autograd registration and AOT dispatch
+    (static and dynamic) of each op, for every target kind and reduction (fewer on the interpreter)."""
+    interpreted = suffix == "triton_interpreted"  # slow: fewer cases
+    for kind in ("index", "sparse") if interpreted else ("index", "one_hot", "probs", "sparse"):
+        for reduction in ("mean", "none") if interpreted else ("mean", "none", "sum"):
+            args, kw = _ce_op_args(kind, reduction, weight=reduction == "sum")
+            torch.library.opcheck(OPS[f"cross_entropy_{suffix}"], args, kw)
+            if kind == "one_hot":
+                continue
+            args, kw = _lce_op_args(kind, reduction, bias=reduction != "sum")
+            torch.library.opcheck(OPS[f"linear_cross_entropy_{suffix}"], args, kw)
+
+
+def test_ops_mutate_nothing():
+    """The ops are functional: their schemas name no mutated argument (Cut Cross-Entropy's and quack's
+    registered ops name what they write; ours write nothing they were given)."""
+    for name, op in OPS.items():
+        schema = op._opoverload._schema
+        assert not any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments), name
