@@ -211,6 +211,20 @@ def test_bfloat16_loss_is_float32_and_close():
     torch.testing.assert_close(b.loss, a.loss, rtol=1e-2, atol=0)
 
 
+@pytest.mark.parametrize("mode", ct.MODES)
+def test_under_autocast(mode):
+    stock, ours, _ = pair("gemma2", mode, dtype=torch.float32)
+    ids, mask, labels = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a = stock(input_ids=ids, attention_mask=mask, labels=labels)
+        b = ours(input_ids=ids, attention_mask=mask, labels=labels)
+    a.loss.backward()
+    b.loss.backward()
+    assert b.loss.dtype == a.loss.dtype == torch.float32
+    torch.testing.assert_close(b.loss, a.loss, rtol=1e-4, atol=0)
+    assert_same_grads(stock, ours, rtol=2e-2)  # bfloat16 logits in the stock model
+
+
 def test_positional_arguments_and_return_dict_false():
     stock, ours, _ = pair("llama")
     ids, mask, labels = batch()
@@ -407,6 +421,28 @@ def test_trainer_counts_num_items_as_before_and_trains_the_same(tmp_path, mode):
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_trainer_mixed_precision_wraps_our_forward_and_unwraps_back_to_it(tmp_path):
+    pytest.importorskip("accelerate")
+    stock = make("llama", torch.float32)
+    ours = copy.deepcopy(stock)
+    handle = ct.apply(ours)
+    losses = []
+    for model, tag in ((stock, "stock"), (ours, "ours")):
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / tag), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+            max_steps=2, learning_rate=1e-2, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+            bf16=True, seed=0, data_seed=0, disable_tqdm=True, lr_scheduler_type="constant")
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=_Data(), data_collator=_collate)
+        trainer.train()
+        losses.append([h["loss"] for h in trainer.state.log_history if "loss" in h])
+    assert ours.forward.__func__ is not handle.function  # accelerate's autocast wrapper sits on top of ours
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-3, atol=0)
+    bare = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+    assert bare.forward.__func__ is handle.function
+    ids, _, labels = batch()
+    assert bare(input_ids=ids, labels=labels).logits is None
+
+
 # ------------------------------------------------------------------------------------------------- refusals
 
 
@@ -505,6 +541,12 @@ def test_refuses_models_whose_loss_is_not_causal_lm():
     _refused(base, "loss_function")  # no head, no loss at all
     with pytest.raises(TypeError, match="PreTrainedModel"):
         ct.apply(nn.Linear(2, 2))
+
+    class PeftLike(nn.Module):
+        def get_base_model(self):
+            return base
+    with pytest.raises(TypeError, match=r"PeftLike.*model.get_base_model\(\)"):
+        ct.apply(PeftLike())
     with pytest.raises(ValueError, match="mode must be one of"):
         ct.apply(make("llama"), mode="fast")
 
@@ -539,6 +581,18 @@ def test_the_apply_time_check_refuses_an_unknown_logit_transform():
     m = _ScaledLlama(_llama_like(transformers.LlamaConfig)).double()
     ct.apply(m, check=False)  # the caller's responsibility then
     assert "forward" in m.__dict__
+
+
+def test_a_model_the_check_cannot_run_says_how_to_skip_it():
+    m = make("llama")
+
+    def needs_more(*args, **kwargs):
+        raise KeyError("pixel_values")
+    m.model.forward = needs_more
+    with pytest.raises(RuntimeError, match=r"LlamaForCausalLM.*KeyError.*check=False"):
+        ct.apply(m)
+    assert "forward" not in m.__dict__
+    assert ct.apply(m, check=False).active
 
 
 def test_refuses_a_custom_instance_loss_function():

@@ -45,11 +45,14 @@ Example::
     >>> model = transformers.LlamaForCausalLM(cfg)
     >>> handle = ct.apply(model)
     >>> ids = torch.randint(0, 100, (2, 16))
-    >>> out = model(input_ids=ids, labels=ids)       # training mode: no logits built
+    >>> out = model.train()(input_ids=ids, labels=ids)  # training mode: no logits built
     >>> out.logits is None
     True
     >>> out.loss.backward()
-    >>> handle.remove()                               # or ct.remove(model)
+    >>> model.eval()(input_ids=ids, labels=ids).logits.shape  # eval: the stock forward
+    torch.Size([2, 16, 100])
+    >>> handle.remove()                                   # or ct.remove(model)
+    True
 """
 
 import contextlib
@@ -66,6 +69,7 @@ from ..functional import cross_entropy, linear_cross_entropy
 try:
     from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
     from transformers.modeling_outputs import CausalLMOutputWithPast
+    from transformers.modeling_utils import PreTrainedModel
     from transformers.utils import ModelOutput
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("crossent.integrations.transformers needs Hugging Face transformers 5.x: "
@@ -214,9 +218,9 @@ def _forward_code_names(model):
 
 def _check_causal_lm(model, mode):
     name = _name(model)
-    if not isinstance(model, nn.Module) or getattr(model, "config", None) is None:
-        raise TypeError(f"apply() takes a Hugging Face PreTrainedModel (an nn.Module with a config), got "
-                        f"{type(model).__name__}; for a PEFT model pass model.get_base_model()")
+    if not isinstance(model, PreTrainedModel):
+        hint = ("; for a PEFT model pass model.get_base_model()" if hasattr(model, "get_base_model") else "")
+        raise TypeError(f"apply() takes a Hugging Face PreTrainedModel, got {type(model).__name__}{hint}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if getattr(model.config, "is_encoder_decoder", False):
@@ -406,6 +410,8 @@ def _linear_output(model, state, named, extra, labels):
                              f"linear mode computes the loss over every position and builds no logits to keep. "
                              f"Fix: leave {k} at 0 when passing labels, or {_FIX_LOSS_FUNCTION}")
     router = named.get("output_router_logits", extra.get("output_router_logits"))
+    if router is None:
+        router = getattr(model.config, "output_router_logits", False)
     if router:
         raise ValueError(f"{name} got output_router_logits=True with labels: its training loss would include the "
                          f"router auxiliary loss, which crossent's linear mode does not compute. Fix: "
@@ -458,8 +464,6 @@ def _self_check(model, state):
             if cap is not None:
                 mine = cap * torch.tanh(mine / cap)
             loss = _head_loss(model, hidden, ids, None, None, -100)
-    except (ValueError, TypeError):
-        raise
     except Exception as e:
         raise RuntimeError(f"crossent could not run its apply-time check of {_name(model)} (one 8-token forward): "
                            f"{type(e).__name__}: {e}. Fix: apply(model, check=False) to skip it") from e
