@@ -120,3 +120,19 @@ def test_torch_linear_cross_entropy_options_batch_chunk_size_is_honoured(monkeyp
     assert_close64(got, F.cross_entropy(x @ W.T, t))
     with pytest.raises(TypeError, match="options"):
         crossent.linear_cross_entropy(x, W, t, options={"batch_chunk_size": 7})
+
+
+def test_packaging_metadata():
+    """``pip install crossent`` pulls torch only; triton, transformers and the bench tools are extras;
+    the license is an SPDX expression (no setuptools deprecation warning)."""
+    import pathlib
+
+    tomllib = pytest.importorskip("tomllib")
+    meta = tomllib.loads((pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text())
+    project = meta["project"]
+    assert [d.split(">")[0].split("=")[0] for d in project["dependencies"]] == ["torch"]
+    assert isinstance(project["license"], str) and project["license"] == "MIT"
+    extras = project["optional-dependencies"]
+    for extra, package in (("triton", "triton"), ("transformers", "transformers"), ("bench", "matplotlib")):
+        assert any(d.startswith(package) for d in extras[extra]), (extra, extras[extra])
+    assert any(r.startswith("setuptools>=77") for r in meta["build-system"]["requires"])  # SPDX license support
