@@ -128,6 +128,22 @@ def test_parity_loss_and_every_gradient(arch, mode):
     assert_same_grads(stock, ours)
 
 
+def test_linear_mode_never_runs_the_output_layer(monkeypatch):
+    stock, ours, _ = pair("llama")
+    ids, mask, labels = batch()
+    shapes = []
+    linear_forward = nn.Linear.forward
+
+    def spy(self, x):
+        shapes.append(self.out_features)
+        return linear_forward(self, x)
+    monkeypatch.setattr(nn.Linear, "forward", spy)
+    ours(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    assert shapes and V not in shapes  # the decoder's layers ran, the [.., V] projection did not
+    stock(input_ids=ids, attention_mask=mask, labels=labels)
+    assert V in shapes  # the spy sees it when it runs
+
+
 def test_tied_head_is_tied_and_shares_its_gradient():
     stock, ours, _ = pair("llama_tied")
     assert ours.lm_head.weight is ours.get_input_embeddings().weight

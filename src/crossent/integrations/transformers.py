@@ -22,7 +22,8 @@ Both give the stock model's loss and gradients: labels shifted by one
 (``shift_labels``, when given, are used as they are), ``ignore_index``,
 ``num_items_in_batch`` (the summed loss divided by it, a tensor moved to the
 loss's device), the mean over the counted positions otherwise, Gemma's
-``final_logit_softcapping``, a float32 loss for 16-bit models.
+``final_logit_softcapping``, a float32 loss for 16-bit models (a float64 model
+gets a float64 loss, where the stock one casts its logits to float32).
 
 ``mode="linear"`` refuses, with a ``ValueError`` naming the model, the reason
 and the fix, what it cannot reproduce: logit scaling (Cohere's
