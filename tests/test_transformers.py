@@ -144,6 +144,20 @@ def test_linear_mode_never_runs_the_output_layer(monkeypatch):
     assert V in shapes  # the spy sees it when it runs
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_checkpointing_inputs_embeds_and_the_old_cache_name():
+    stock = make("qwen3")
+    stock.gradient_checkpointing_enable()
+    ours = copy.deepcopy(stock)
+    ct.apply(ours)
+    ids, mask, labels = batch()
+    emb = stock.get_input_embeddings()(ids).detach()
+    a, b = run_both(stock, ours, inputs_embeds=emb, attention_mask=mask, labels=labels, past_key_values=None,
+                    use_cache=False)
+    torch.testing.assert_close(b.loss.double(), a.loss.double(), rtol=RTOL, atol=0)
+    assert_same_grads(stock, ours)
+
+
 def test_tied_head_is_tied_and_shares_its_gradient():
     stock, ours, _ = pair("llama_tied")
     assert ours.lm_head.weight is ours.get_input_embeddings().weight
