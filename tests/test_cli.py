@@ -39,3 +39,200 @@ def test_examples_run():
     for script in sorted(root.glob("*.py")):
         proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
         assert proc.returncode == 0, f"{script.name}: {proc.stderr[-1000:]}"
+
+
+# --------------------------------------------------------------------------- crossent bench
+
+import csv
+import math
+import os
+import struct
+
+import pytest
+import torch
+
+# the options that benchmarks/*.py and gpu_check.sh pass, and those of issue 10
+BENCH_OPTIONS = ["--quick", "--kinds", "--impls", "--N", "--V", "--H", "--dtype", "--device", "--reps", "--warmup",
+                 "--per", "--out-dir", "--csv", "--png"]
+
+
+def test_bench_help_mentions_every_option(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--help"])  # `crossent bench --help`
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    shown = [o for a in bench._parser()._actions if a.help != "==SUPPRESS==" for o in a.option_strings]
+    for opt in set(BENCH_OPTIONS) | set(shown):
+        assert opt in out, opt
+    # every option with a value says its default (--quick's as well where it has one)
+    for key in ("--kinds", "--impls", "--N", "--V", "--H", "--reps", "--warmup", "--per"):
+        i = out.index("\n  " + key + " ")  # its entry in the options list, not the usage line
+        entry = " ".join(out[i:out.index("\n  --", i + 1)].split())
+        assert "default:" in entry and "with --quick:" in entry, key
+    assert "cce" in out and "liger" in out and "examples:" in out
+
+
+def _png_size(path):
+    with open(path, "rb") as f:
+        head = f.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR", "not a PNG"
+    return struct.unpack(">II", head[16:24])
+
+
+def _read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_bench_sweep_writes_csv_and_png_and_skips_missing_peers(tmp_path, monkeypatch, capsys):
+    # both peers made "not installed": they must be reported, never crash the run
+    real = bench._installed
+    monkeypatch.setattr(bench, "_installed", lambda m: False if m in ("liger_kernel", "cut_cross_entropy") else real(m))
+    N, H, Vs = 128, 32, [256, 4096]
+    bench.main(["--quick", "--N", str(N), "--H", str(H), "--V", ",".join(map(str, Vs)), "--reps", "2",
+                "--impls", "torch,auto,cce,liger", "--out-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    rows = _read_csv(tmp_path / "bench_quick_cpu.csv")
+    assert {"kind", "impl", "N", "H", "V", "time_ms", "peak_mb", "time_ratio", "mem_ratio", "note",
+            "machine"} <= set(rows[0])
+    # one row per impl x size
+    assert sorted((r["impl"], int(r["V"])) for r in rows) == sorted(
+        (i, v) for i in ("torch", "auto", "cce_torch_compile", "liger") for v in Vs)
+    by = {(r["impl"], int(r["V"])): r for r in rows}
+    for V in Vs:
+        t, a = by["torch", V], by["auto", V]
+        for r in (t, a):
+            assert r["note"] == "" and float(r["time_ms"]) > 0 and r["machine"] == bench.machine()
+            assert (int(r["N"]), int(r["H"]), r["kind"], r["dtype"]) == (N, H, "linear", "float32")
+        # ratios are the times and memories of the same CSV over torch eager's (4 significant digits)
+        assert float(a["time_ratio"]) == pytest.approx(float(a["time_ms"]) / float(t["time_ms"]), rel=2e-3)
+        if float(t["peak_mb"]) > 0:
+            assert float(a["mem_ratio"]) == pytest.approx(float(a["peak_mb"]) / float(t["peak_mb"]), rel=2e-3)
+        else:  # no ratio to a zero
+            assert a["mem_ratio"] == ""
+        assert float(t["time_ratio"]) == 1.0
+    # torch eager holds the [N, V] float32 logits, their log-softmax and their gradient at once (the
+    # resident-memory method is meaningful from about a megabyte: the largest V, 2 MB of logits)
+    assert float(by["torch", Vs[-1]]["peak_mb"]) >= 2 * N * Vs[-1] * 4 / 2**20
+    for V in Vs:
+        for peer, what in (("cce_torch_compile", "Cut Cross-Entropy"), ("liger", "Liger-Kernel")):
+            r = by[peer, V]
+            assert r["note"].startswith(f"skipped: {what} is not installed") and r["time_ms"] == ""
+    assert "skipped" in out and "Liger-Kernel is not installed" in out and "machine:" in out
+    w, h = _png_size(tmp_path / "bench_quick_cpu.png")
+    assert w >= 800 and h >= 400 and os.path.getsize(tmp_path / "bench_quick_cpu.png") > 20_000
+    import matplotlib.image
+
+    img = matplotlib.image.imread(tmp_path / "bench_quick_cpu.png")
+    assert img.shape[:2] == (h, w) and img[..., :3].std() > 0.05  # drawn on, not a blank canvas
+
+
+def test_bench_csv_option_as_the_scripts_use_it(tmp_path):
+    # benchmarks/gpu_check.sh's form: explicit kinds, shape, impls and --csv: that CSV only, no PNG
+    path = tmp_path / "ce.csv"
+    bench.main(["--kinds", "index", "--dtype", "float32", "--N", "64", "--V", "300", "--device", "cpu",
+                "--impls", "torch,chunked_inplace", "--reps", "1", "--warmup", "0", "--per", "impl", "--csv", str(path)])
+    rows = _read_csv(path)
+    assert [(r["impl"], r["kind"], r["V"], r["N"]) for r in rows] == [("torch", "index", "300", "64"),
+                                                                        ("chunked_inplace", "index", "300", "64")]
+    assert all(float(r["time_ms"]) > 0 for r in rows)
+    assert os.listdir(tmp_path) == ["ce.csv"]
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--V", "4k"], "--V '4k'"),
+    (["--kinds", "linear"], "add --H"),
+    (["--impls", "torch,ligr"], "unknown impl 'ligr'"),
+    (["--kinds", "index:fwd"], "'index:fwd' is not a kind"),
+    (["--N", "0"], "--N 0"),
+])
+def test_bench_bad_input_names_value_and_fix(args, says, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert says in err and ("e.g." in err or "use" in err)
+
+
+def test_skip_reasons_name_the_cause():
+    assert bench.skip_reason("cce_torch_compile", "index", "cpu").endswith("(--kinds linear)") or \
+        "not installed" in bench.skip_reason("cce_torch_compile", "index", "cpu")
+    assert "inplace_backward" in bench.skip_reason("auto_inplace", "linear", "cpu")
+    assert bench.skip_reason("torch", "linear", "cpu") is None
+    assert bench.resolve_impl("cce", "cpu") == "cce_torch_compile" and bench.resolve_impl("cce", "cuda") == "cce_cce"
+
+
+# --------------------------------------------------------------------------- crossent demo, language model
+
+from crossent import demo_lm  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def small_corpus():
+    return demo_lm.load_data(vocab_size=512, max_bytes=300_000)
+
+
+def test_tokenizer_round_trips_the_corpus(small_corpus):
+    text, _ = demo_lm.stdlib_corpus(300_000)
+    tok = small_corpus.tokenizer
+    assert tok.vocab_size == 512 and len(set(tok.pieces)) == 256
+    assert tok.decode(small_corpus.ids) == text
+    sample = "def f(x):\n\tréturn x  # ünïcode ✓\n"
+    assert tok.decode(tok.encode(sample)) == sample
+
+
+def test_lm_losses_equal_with_and_without_logits(small_corpus):
+    kw = dict(steps=6, batch=4, context=32, seed=3)
+    a = demo_lm.train_lm("logits", small_corpus, **kw)
+    b = demo_lm.train_lm("linear", small_corpus, **kw)
+    V = small_corpus.tokenizer.vocab_size
+    assert len(a.losses) == len(b.losses) == 6
+    # an untrained model's small logits give about log V; training lowers it
+    assert a.losses[0] == pytest.approx(math.log(V), rel=0.1) and a.losses[-1] < a.losses[0]
+    # the same model, data and optimizer: the loss curves agree to float32 rounding
+    assert b.losses == pytest.approx(a.losses, rel=1e-4)
+    assert a.peak_bytes >= 2 * 4 * 32 * V * 4  # the logits and their log-softmax exist at once
+    # another seed is another run: the comparison above can tell runs apart
+    c = demo_lm.train_lm("linear", small_corpus, **{**kw, "seed": 4}, measure_memory=False)
+    assert c.losses != pytest.approx(a.losses, rel=1e-4)
+
+
+def test_loss_memory_with_and_without_logits():
+    g = torch.Generator().manual_seed(0)
+    B, T, D, V = 8, 256, 64, 8192
+    h, w = torch.randn(B, T, D, generator=g), torch.randn(V, D, generator=g) / 8
+    ids = torch.randint(0, V, (B, T), generator=g)
+    logits = B * T * V * 4  # 64 MB
+    grads = (B * T * D + V * D) * 4  # of h and of the head weight, returned by both
+    assert demo_lm.loss_peak_bytes("logits", h, w, ids) >= 2 * logits + grads
+    # the logits exist a chunk of rows at a time
+    assert grads <= demo_lm.loss_peak_bytes("linear", h, w, ids) < logits / 4
+
+
+def test_peak_alloc_bytes_counts_what_a_step_allocates():
+    def step():
+        a = torch.empty(1 << 20)  # 4 MiB
+        b = torch.empty(1 << 19)  # 2 MiB, both alive
+        del a, b
+        c = torch.empty(1 << 20)  # 4 MiB, after both were freed
+        del c
+
+    assert demo_lm.peak_alloc_bytes(step) == 6 << 20
+
+
+def test_demo_lm_part_prints_both_losses_and_memory(capsys):
+    cli.main(["demo", "--part", "lm", "--lm-seconds", "1", "--lm-vocab", "300"])
+    out = capsys.readouterr().out
+    assert "F.cross_entropy(head(h))" in out and "crossent.linear_cross_entropy" in out
+    assert "largest relative difference" in out
+    assert "peak memory of the output layer + loss" in out and out.count(" MB with ") >= 1
+    assert "handwritten digits" not in out  # --part lm runs the language model alone
+
+
+def test_demo_bad_input_names_value_and_fix(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--lm-vocab", "100"])
+    assert "--lm-vocab 100" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--lm-seconds", "-1"])
+    assert "'-1' must be positive" in capsys.readouterr().err

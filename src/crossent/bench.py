@@ -661,7 +661,8 @@ def _parser() -> argparse.ArgumentParser:
         epilog="\n\n".join([
             fill("Peak memory is what a step adds beyond its inputs: on CUDA torch's max_memory_allocated; on "
                  "CPU the process's resident high-water mark (Linux VmHWM), with glibc set to map every buffer "
-                 "over 64 KiB on its own, so that freed memory is not reused unseen."),
+                 "over 64 KiB on its own, so that freed memory is not reused unseen. The kernel counts resident "
+                 "memory in pages and in batches: below about a megabyte the CPU figures mean little."),
             fill("Output files: with neither --csv nor --png, both go to --out-dir, named "
                  "bench_quick_DEVICE.csv/.png with --quick and bench_KINDS_DTYPE_DEVICE_NN.csv/.png otherwise. "
                  "--csv alone writes only that CSV, after each measurement (a run cut short keeps what it "
