@@ -301,3 +301,15 @@ def test_ops_mutate_nothing():
     for name, op in OPS.items():
         schema = op._opoverload._schema
         assert not any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments), name
+
+
+def test_a_bad_argument_still_names_itself_under_compile():
+    """Arguments (not data) are still checked while tracing: the error reaches the user with crossent's
+    message (dynamo wraps it under fullgraph; without fullgraph the ValueError itself propagates)."""
+    x, t = torch.randn(4, 5), torch.randint(0, 5, (4,))
+    with pytest.raises(Exception, match=r"label_smoothing=2\.0 must be a number in \[0, 1\]"):
+        torch.compile(lambda a: crossent.cross_entropy(a, t, label_smoothing=2.0), backend="aot_eager",
+                      fullgraph=True)(x)
+    torch._dynamo.reset()
+    with pytest.raises(ValueError, match=r"label_smoothing=2\.0 must be a number in \[0, 1\]"):
+        torch.compile(lambda a: crossent.cross_entropy(a, t, label_smoothing=2.0), backend="aot_eager")(x)

@@ -123,3 +123,65 @@ def test_triton_linear_no_worse_than_torch(dtype):
                 x.double(), W.double())
     for o, th, e in zip(ours, theirs, exact):
         assert_no_worse(o, th, e, dtype, factor=4)
+
+
+@cuda
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_inductor_sees_the_triton_kernels(dynamic):
+    """torch.compile(fullgraph=True) with checks on, through the ``triton_op``s: inductor's graph calls
+    crossent's kernels (no opaque op), bf16 loss and gradients within torch's error, varying N."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    V, H = 4096, 256
+    W = (torch.randn(V, H, device="cuda") / 16).bfloat16().requires_grad_(True)
+
+    def step(h, y):
+        logits = h @ W.T
+        return crossent.cross_entropy(logits, y, label_smoothing=0.1, impl="triton") + \
+            crossent.linear_cross_entropy(h, W, y, z_loss=1e-4, impl="triton")
+
+    cnt = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(step, backend=cnt, fullgraph=True, dynamic=dynamic)
+    for n in (512, 640, 1000):
+        h = torch.randn(n, H, device="cuda").bfloat16().requires_grad_(True)
+        y = torch.randint(0, V, (n,), device="cuda")
+        lo, go = loss_and_grad(lambda a: compiled(a, y), h)
+        le, ge = loss_and_grad(lambda a: torch_loss(a @ W.double().T, y, label_smoothing=0.1)
+                               + torch_loss(a @ W.double().T, y, z_loss=1e-4), h.double())
+        lt, gt = loss_and_grad(lambda a: torch_loss(a @ W.T, y, label_smoothing=0.1)
+                               + torch_loss(a @ W.T, y, z_loss=1e-4), h)
+        assert_no_worse(lo, lt, le, torch.bfloat16, f"n={n} loss", factor=4.0)
+        assert_no_worse(go, gt, ge, torch.bfloat16, f"n={n} grad", factor=4.0)
+    assert sum(1 for g in cnt.graphs if len(g.graph.nodes)) <= (1 if dynamic else 2)
+    from torch._inductor.utils import run_and_get_code
+
+    _, code = run_and_get_code(compiled, h, y)
+    assert any("ce_fwd_kernel" in c for c in code) and any("lce_fwd_kernel" in c for c in code)
+    torch._dynamo.reset()
+
+
+@cuda
+def test_opcheck_triton_ops():
+    """``torch.library.opcheck`` on the traced triton ops (fake = the launcher under fake tensors)."""
+    from crossent.functional import _Logits
+    from crossent.ops.custom import OPS, _pack
+    from crossent.options import make_options
+    from crossent.reduction import plan_reduction
+    from crossent.targets import normalize_target
+
+    for reduction in ("mean", "none"):
+        x = torch.randn(64, 300, device="cuda", requires_grad=True)
+        t = torch.randint(0, 300, (64,), device="cuda")
+        opts = make_options(classes=300, device=x.device, reduction=reduction, label_smoothing=0.1, z_loss=1e-3,
+                            return_extras=True)
+        tgt = normalize_target(t, x, 1, "auto", -100)
+        red = plan_reduction(tgt, opts, torch.float32, x.device, torch.Size([64]), torch.float32)
+        torch.library.opcheck(OPS["cross_entropy_triton"], (x.reshape(64, 300, 1),), dict(**_pack(tgt, opts, red),
+                                                                                         want_grad=True))
+        h = torch.randn(64, 128, device="cuda", requires_grad=True)
+        W = torch.randn(300, 128, device="cuda", requires_grad=True)
+        tgt = normalize_target(t, _Logits((64, 300), h.device), 1, "auto", -100)
+        torch.library.opcheck(OPS["linear_cross_entropy_triton"], (h, W, None, None),
+                              dict(**_pack(tgt, opts, red), chunk_size=None, filter_eps=None, want_dx=True,
+                                   want_dw=True, want_db=False, row_scale=None))

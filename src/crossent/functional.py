@@ -118,7 +118,16 @@ def cross_entropy(input: Tensor, target, weight: Optional[Tensor] = None, ignore
             ``lse``, ``z_loss`` and ``predicted`` class (detached). Default: ``False``.
 
     Value checks on targets sync with the device on CUDA: see
-    :func:`crossent.set_checks` and ``with crossent.checks(False):``.
+    :func:`crossent.set_checks` and ``with crossent.checks(False):``. They
+    cannot read data while :func:`torch.compile` traces or a
+    :mod:`torch.func` transform runs: there a bad value gives NaN at its
+    position instead of an error.
+
+    torch.compile and torch.func: ``fullgraph=True`` works with the default
+    settings (the fused impls run as registered ``torch.library`` ops; a
+    compiled call ignores ``inplace_backward``); under ``grad``, ``vmap``,
+    ``jacrev`` or ``jacfwd`` every ``impl`` runs the reference, PyTorch's
+    results.
 
     dtypes: like PyTorch, float32 logits with float64 probabilities compute
     and return float64, and under :func:`torch.autocast` the loss of 16-bit
