@@ -313,3 +313,74 @@ def test_a_bad_argument_still_names_itself_under_compile():
     torch._dynamo.reset()
     with pytest.raises(ValueError, match=r"label_smoothing=2\.0 must be a number in \[0, 1\]"):
         torch.compile(lambda a: crossent.cross_entropy(a, t, label_smoothing=2.0), backend="aot_eager")(x)
+
+
+_TRACE_TRITON_OP = r'''
+import torch, crossent
+from torch._dynamo.backends.common import aot_autograd
+from torch._dynamo.testing import CompileCounterWithBackend
+from crossent.functional import _Logits
+from crossent.ops.custom import OPS, _pack
+from crossent.options import make_options
+from crossent.reduction import plan_reduction
+from crossent.targets import normalize_target
+
+graphs = []
+def compile_only(gm, example_inputs):  # no GPU here: keep the graph, run nothing
+    graphs.append(gm.code)
+    def run(*args):
+        raise RuntimeError("compile only")
+    return run
+
+def ce(x, t):
+    opts = make_options(classes=x.shape[1], device=x.device, label_smoothing=0.1, z_loss=1e-3)
+    tgt = normalize_target(t, x, 1, "auto", -100)
+    red = plan_reduction(tgt, opts, torch.float32, x.device, t.shape, torch.float32)
+    return OPS["cross_entropy_triton"](x.unsqueeze(2), **_pack(tgt, opts, red), want_grad=True)[0]
+
+def lce(h, W, t):
+    opts = make_options(classes=W.shape[0], device=h.device, label_smoothing=0.1, z_loss=1e-3)
+    tgt = normalize_target(t, _Logits((h.shape[0], W.shape[0]), h.device), 1, "auto", -100)
+    red = plan_reduction(tgt, opts, torch.float32, h.device, t.shape, torch.float32)
+    return OPS["linear_cross_entropy_triton"](h, W, None, None, **_pack(tgt, opts, red), chunk_size=None,
+                                              filter_eps=None, want_dx=True, want_dw=True, want_db=False,
+                                              row_scale=None)[0]
+
+for name, fn, make in (("ce", ce, lambda n: (torch.randn(n, 300, requires_grad=True), torch.randint(0, 300, (n,)))),
+                       ("lce", lce, lambda n: (torch.randn(n, 48, requires_grad=True),
+                                               torch.randn(300, 48, requires_grad=True), torch.randint(0, 300, (n,))))):
+    torch._dynamo.reset()
+    graphs.clear()
+    cnt = CompileCounterWithBackend(aot_autograd(fw_compiler=compile_only, bw_compiler=compile_only))
+    f = torch.compile(fn, backend=cnt, fullgraph=True)
+    for n in (64, 80, 1000):
+        try:
+            f(*make(n))
+        except RuntimeError as e:
+            if "compile only" not in str(e):
+                raise
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+    idx = {int(line.split("kernel_idx = ")[1].split(",")[0]) for g in graphs for line in g.splitlines()
+           if "triton_kernel_wrapper_functional(" in line}
+    names = sorted({getattr(kernel_side_table.get_kernel(i), "fn", kernel_side_table.get_kernel(i)).__name__
+                    for i in idx})
+    print(name, "frames", cnt.frame_count, "kernels", ",".join(names))
+'''
+
+
+def test_triton_op_traces_its_kernels(tmp_path):
+    """The ``triton_op``s (what a GPU compiles), traced on the CPU without running: AOTAutograd's
+    forward graph calls crossent's kernels through ``triton_kernel_wrapper_functional`` (inductor
+    sees them), and three sizes compile twice. A fresh process without ``TRITON_INTERPRET`` (under
+    the interpreter ``wrap_triton`` hands back the bare kernel); the graphs are kept, not run."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = tmp_path / "trace_triton_op.py"
+    script.write_text(_TRACE_TRITON_OP)
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in out.stdout.strip().splitlines())
+    assert lines["ce"] == "frames 2 kernels ce_fwd_kernel", out.stdout
+    assert lines["lce"] == "frames 2 kernels lce_bwd_kernel,lce_fin_kernel,lce_fwd_kernel", out.stdout

@@ -103,8 +103,7 @@ def _finish_rows(x: Tensor, loss: Tensor, terms, want_pred: bool):
     pred = terms.predicted if want_pred else x.new_empty((0,), dtype=torch.long)
     out = [loss, lse, z, pred]
     for i in range(1, 4):  # e.g. an empty batch's terms may share one buffer
-        if any(out[i].untyped_storage().data_ptr() == out[j].untyped_storage().data_ptr()
-               and out[i].numel() and out[j].numel() for j in range(i)):
+        if any(torch._C._is_alias_of(out[i], out[j]) for j in range(i)):  # fake tensors too (no data_ptr)
             out[i] = out[i].clone()
     return tuple(out)
 

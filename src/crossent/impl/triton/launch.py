@@ -28,3 +28,14 @@ def launch(kernel):
     if getattr(_STATE, "depth", 0) or torch.compiler.is_compiling():
         return torch.library.wrap_triton(kernel)
     return kernel
+
+
+def hint(n):
+    """``n`` as a plain int: a symbolic size (torch.compile with dynamic shapes) by the value it was
+    traced with, without a guard. Only for choices that change speed, never a result (block sizes
+    of kernels that loop over the dimension, vocabulary splits, autotune keys), so that a compiled
+    graph serves every size instead of recompiling per size bucket."""
+    if isinstance(n, torch.SymInt):
+        node = n.node
+        return int(node.hint) if node.has_hint() else 1 << 13
+    return n

@@ -19,7 +19,7 @@ from ...options import Options
 from ...reduction import Reduction
 from ...targets import ProbsTarget, Target
 from ..common import LinearResult, RowTerms
-from .launch import launch
+from .launch import hint, launch
 
 FIN_BM = 64  # rows per program of the kernel that merges the vocabulary splits
 
@@ -167,7 +167,8 @@ def _prepare(x2, row_ids, linear_weight, linear_bias, tgt: Target, opts: Options
         wv=linear_weight if linear_weight.stride(-1) == 1 else linear_weight.contiguous(), bias=linear_bias,
         cw=cw, dummy=dummy, prob=prob, idx=idx, vals=vals, rv=rv, K=K, M=M, opts=opts, tuned=tuned,
         # autotuned launches choose the blocks themselves; the interpreter gets sizes fitted to the problem
-        blocks={} if tuned else dict(BM=_pow2(M, hi=bm_max), BV=_pow2(V, hi=bv_max), BK=_pow2(H, hi=bk_max)),
+        blocks={} if tuned else dict(BM=_pow2(hint(M), hi=bm_max), BV=_pow2(hint(V), hi=bv_max),
+                                      BK=_pow2(hint(H), hi=bk_max)),
         # the interpreter's tl.dot misreads 16-bit floats: it runs those dots in float32
         dots=dict(PREC="ieee" if x2.dtype == f32 else "tf32", F32DOT=triton_interpreted() and x2.element_size() < 4),
         flags=dict(IS_PROBS=isinstance(tgt, ProbsTarget), HAS_RID=row_ids is not None, HAS_B=linear_bias is not None,
@@ -181,7 +182,7 @@ def _forward(c: _Call):
     fwd, fin, _, _ = _kernels()
     f32, dev, M, V, H = torch.float32, c.x2.device, c.M, c.V, c.H
     ls, want_pred = c.opts.label_smoothing, c.opts.return_extras
-    split_v = _split_width(M, V, dev, CONFIG.triton_split_grain if c.tuned else c.blocks["BV"])
+    split_v = _split_width(hint(M), hint(V), dev, CONFIG.triton_split_grain if c.tuned else c.blocks["BV"])
     S = triton.cdiv(V, split_v)
     pm, ps = (torch.empty((S, M), dtype=f32, device=dev) for _ in range(2))
     pd, pt = (torch.empty((S, M), dtype=f32, device=dev) for _ in range(2)) \
@@ -191,7 +192,7 @@ def _forward(c: _Call):
     launch(fwd)[lambda meta: (triton.cdiv(M, meta["BM"]), S)](
         c.x2, c.x2.stride(0), c.rid, c.wv, c.wv.stride(0), c.ptr(c.bias),
         c.prob, c.prob.stride(0), c.prob.stride(1), c.ptr(c.cw),
-        pm, ps, pd, pt, pb, pbi, M, V, H, split_v, ls, c.cap, _pow2(M),
+        pm, ps, pd, pt, pb, pbi, M, V, H, split_v, ls, c.cap, _pow2(hint(M)),
         WANT_PRED=want_pred, **c.dots, **c.flags, **c.blocks)
     mx, logs, ce, mass = (torch.empty(M, dtype=f32, device=dev) for _ in range(4))
     z = torch.empty(M, dtype=f32, device=dev) if c.opts.z_loss else None
@@ -202,7 +203,7 @@ def _forward(c: _Call):
         c.cw.sum().reshape(1) if c.cw is not None else c.dummy,
         mx, logs, ce, c.ptr(z), c.ptr(pred), mass,
         M, V, H, ls, c.cap, float(c.opts.z_loss), WANT_PRED=want_pred, BM=FIN_BM,
-        BK=_pow2(H, hi=CONFIG.triton_linear_blocks[2]), **c.flags, **_loss_flags(c))
+        BK=_pow2(hint(H), hi=CONFIG.triton_linear_blocks[2]), **c.flags, **_loss_flags(c))
     return mx, logs, ce, z, pred, mass
 
 
@@ -228,7 +229,7 @@ def _backward(c: _Call, mx: Tensor, logs: Tensor, mass: Tensor, red: Reduction, 
         c.idx, c.vals, c.K, c.ptr(c.rv), c.ptr(c.cw), mx, logs, mass,
         row_scale.to(f32).contiguous() if row_scale is not None else c.dummy,
         red.ce_scale.to(f32).reshape(1), red.z_scale.to(f32).reshape(1),
-        dx, dw, db, M, V, H, c.opts.label_smoothing, c.cap, float(c.opts.z_loss), float(eps or 0.0), _pow2(M),
+        dx, dw, db, M, V, H, c.opts.label_smoothing, c.cap, float(c.opts.z_loss), float(eps or 0.0), _pow2(hint(M)),
         HAS_RS=row_scale is not None, NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db, FILTER=eps is not None,
         EMULATE_RTNE=triton_interpreted() and c.x2.dtype == torch.bfloat16,
         **c.dots, **c.flags, **_loss_flags(c), **c.blocks)
