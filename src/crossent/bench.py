@@ -317,6 +317,67 @@ def sweep_worker(impl: str, kind: str, N: int, Vs: List[int], dtype: str, device
     return rows
 
 
+def _worker(impl, kind, N, V, dtype, device, reps, H, warmup, env=None) -> Optional[Dict]:
+    cmd = [sys.executable, "-m", "crossent.bench", "--worker", impl, kind, str(N), str(V), dtype, device, str(reps),
+           str(H), str(warmup)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        sys.stderr.write(f"[{impl} {kind}] failed:\n{proc.stderr[-2000:]}\n")
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_case(impl: str, kind: str, N: int, V: int, dtype: str, device: str, reps: int, H: int = 0,
+             warmup: int = 2, threads: Optional[int] = None) -> Optional[Dict]:
+    """One measurement in fresh Python processes (no allocator or cache state carried over).
+
+    On CPU the peak memory comes from a second process in which glibc's mmap
+    threshold is fixed at 64 KiB: otherwise buffers below its dynamic
+    threshold (up to 32 MiB) are recycled from a heap that the warm-up step
+    already made resident, and would not show in the measured step's peak.
+    ``threads`` sets the workers' ``OMP_NUM_THREADS`` (torch's CPU threads).
+    """
+    base = _thread_env(threads)
+    r = _worker(impl, kind, N, V, dtype, device, reps, H, warmup, base)
+    if r is None or device.startswith("cuda"):
+        return r
+    env = dict(base or os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    m = _worker(impl, kind, N, V, dtype, device, 0, H, 1, env)
+    if m is not None:
+        r["peak_mb"] = m["peak_mb"]
+    return r
+
+
+def _thread_env(threads: Optional[int]) -> Optional[Dict[str, str]]:
+    return dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
+
+
+def compare(impls: List[str], kinds: List[str], N: int, V: int, dtype: str = "float32", device: str = "cpu",
+            reps: int = 7, baseline: str = "torch", progress: Optional[Callable[[str], None]] = None,
+            H: int = 0, warmup: int = 2, on_row: Optional[Callable[[List[Dict]], None]] = None) -> List[Dict]:
+    """Measure every (kind, impl) and add ratios against ``baseline`` of the same kind.
+    ``on_row(rows)`` is called after each measurement (a caller under a time limit keeps what it has)."""
+    rows = []
+    for kind in kinds:
+        base = None
+        for impl in impls:
+            if progress:
+                progress(f"{kind} / {impl}")
+            r = run_case(impl, kind, N, V, dtype, device, reps, H, warmup)
+            if r is None:
+                continue
+            if impl == baseline:
+                base = r
+            rows.append(r)
+            if on_row:
+                on_row(rows)
+        for r in rows:
+            if r["kind"] == kind and base is not None:
+                r["time_ratio"] = r["time_ms"] / base["time_ms"]
+                r["mem_ratio"] = r["peak_mb"] / base["peak_mb"] if base["peak_mb"] > 0 else float("nan")
+    return rows
+
+
 # --------------------------------------------------------------------------- peers and names
 
 KINDS = ("index", "probs", "linear")
@@ -408,12 +469,12 @@ def _skipped(impl: str, kind: str, N: int, H: int, V: int, dtype: str, device: s
             "note": note}
 
 
-def _sweep_process(impl, kind, N, Vs, dtype, device, reps, H, warmup, tick) -> Dict[int, Dict]:
+def _sweep_process(impl, kind, N, Vs, dtype, device, reps, H, warmup, tick, threads=None) -> Dict[int, Dict]:
     """:func:`sweep_worker` in a fresh process; ``tick()`` after each of its measurements.
     Returns the rows by V; a size that failed has a row with ``note`` saying why."""
     cmd = [sys.executable, "-m", "crossent.bench", "--sweep-worker", impl, kind, str(N), ",".join(map(str, Vs)),
            dtype, device, str(reps), str(H), str(warmup)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_thread_env(threads))
     rows: Dict[int, Dict] = {}
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -455,7 +516,7 @@ def add_ratios(rows: List[Dict], baseline: str = "torch") -> None:
 
 def sweep(impls: List[str], kinds: List[str], N: int, Vs: List[int], dtype: str = "float32", device: str = "cpu",
           reps: int = 7, H: int = 0, warmup: int = 2, per: str = "case", baseline: str = "torch",
-          progress: Optional[Callable[[str, float], None]] = None,
+          threads: Optional[int] = None, progress: Optional[Callable[[str, float], None]] = None,
           on_row: Optional[Callable[[List[Dict]], None]] = None) -> List[Dict]:
     """Measure every (kind, impl, V); skip, with a note, what cannot run here.
 
@@ -466,6 +527,7 @@ def sweep(impls: List[str], kinds: List[str], N: int, Vs: List[int], dtype: str 
         Vs (list of int): vocabulary sizes.
         per (str): ``"case"``: each (kind, impl, V) in fresh processes (:func:`run_case`);
             ``"impl"``: one process per (kind, impl) measures every V (:func:`sweep_worker`).
+        threads (int, optional): torch's CPU threads in the workers (``OMP_NUM_THREADS``).
         progress (callable, optional): ``progress(description, advance)``; a
             case advances by 1 in all.
         on_row (callable, optional): called with the rows so far after each
@@ -498,12 +560,12 @@ def sweep(impls: List[str], kinds: List[str], N: int, Vs: List[int], dtype: str 
             if per == "impl":
                 progress(f"{kind} {impl}", 0)
                 by_v = _sweep_process(impl, kind, N, Vs, dtype, device, reps, H, warmup,
-                                      lambda: progress(f"{kind} {impl}", 0.5))
+                                      lambda: progress(f"{kind} {impl}", 0.5), threads)
                 done([by_v[V] for V in Vs])
                 continue
             for V in Vs:
                 progress(f"{kind} {impl} V={V}", 0)
-                r = run_case(impl, kind, N, V, dtype, device, reps, H, warmup)
+                r = run_case(impl, kind, N, V, dtype, device, reps, H, warmup, threads)
                 progress(f"{kind} {impl} V={V}", 1)
                 done([r if r is not None else _skipped(impl, kind, N, H, V, dtype, device,
                                                        "failed: the worker process failed (its error is above)")])
@@ -696,6 +758,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--per", choices=("case", "impl"), help="case: each (kind, impl, V) in fresh processes, "
                     "its memory measured in a second one; impl: one process per (kind, impl) measures every V, "
                     "memory first (two steps per V, which also warm it up), then times (faster) " + d("per"))
+    ap.add_argument("--threads", type=int, help="torch's CPU threads in the measuring processes "
+                    "(OMP_NUM_THREADS; default: torch's own choice). On a CPU shared with other work, 1 avoids "
+                    "threads that wait on each other")
     ap.add_argument("--out-dir", help="folder of the CSV and PNG when --csv and --png are not given (default: "
                     "benchmarks/results when the current folder has one, else the current folder)")
     ap.add_argument("--csv", help="write the rows to this CSV file (then no PNG unless --png is given)")
@@ -713,6 +778,8 @@ def _settings(ap: argparse.ArgumentParser, a: argparse.Namespace) -> argparse.Na
     for key in ("N", "reps"):
         if getattr(a, key) < 1:
             ap.error(f"--{key} {getattr(a, key)}: pass a positive integer, e.g. --{key} {QUICK[key]}")
+    if a.threads is not None and a.threads < 1:
+        ap.error(f"--threads {a.threads}: pass a positive number of threads, e.g. --threads 1")
     if a.warmup < 0:
         ap.error(f"--warmup {a.warmup}: pass 0 or more untimed steps, e.g. --warmup 1")
     Vs = []
@@ -790,7 +857,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         from rich.console import Console
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     except ImportError:  # rich is an extra
-        rows = sweep(a.impl_list, a.kind_list, a.N, a.Vs, a.dtype, a.device, a.reps, a.H, a.warmup, a.per,
+        rows = sweep(a.impl_list, a.kind_list, a.N, a.Vs, a.dtype, a.device, a.reps, a.H, a.warmup, a.per, "torch", a.threads,
                      progress=lambda s, adv: adv == 0 and print(f"measuring {s} ...", file=sys.stderr, flush=True),
                      on_row=write)
         console = None
@@ -801,7 +868,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                       TextColumn("{task.completed:.0f}/{task.total} cases"), TimeElapsedColumn(),
                       console=Console(stderr=True)) as bar:
             task = bar.add_task("", total=total)
-            rows = sweep(a.impl_list, a.kind_list, a.N, a.Vs, a.dtype, a.device, a.reps, a.H, a.warmup, a.per,
+            rows = sweep(a.impl_list, a.kind_list, a.N, a.Vs, a.dtype, a.device, a.reps, a.H, a.warmup, a.per, "torch", a.threads,
                          progress=lambda s, adv: bar.update(task, description=s, advance=adv), on_row=write)
     print_table(rows, title, console)
     if a.csv:

@@ -219,13 +219,16 @@ def loss_peak_bytes(which: str, h: torch.Tensor, head_weight: torch.Tensor, ids:
 
 @dataclass
 class LMRun:
-    """One training run: the loss of each step, the seconds of each step, and
-    the loss's peak memory (bytes, ``None`` if unmeasured)."""
+    """One training run: the loss of each step, the seconds of each step, the
+    loss's peak memory (bytes, ``None`` if unmeasured), and, for a run trained
+    with materialised logits, ``check``: ``linear_cross_entropy`` evaluated on
+    the same hidden states and weights at each step."""
 
     loss: str
     losses: List[float] = field(default_factory=list)
     step_seconds: List[float] = field(default_factory=list)
     peak_bytes: Optional[int] = None
+    check: List[float] = field(default_factory=list)
 
 
 @dataclass
@@ -238,89 +241,108 @@ class LMData:
     chars: int
 
 
-def load_data(vocab_size: int = 8192, max_bytes: int = 2_000_000) -> LMData:
+def load_data(vocab_size: int = 4096, max_bytes: int = 2_000_000) -> LMData:
     """The stdlib corpus (:func:`stdlib_corpus`) tokenized with a vocabulary of ``vocab_size``."""
     text, files = stdlib_corpus(max_bytes)
     tok = Tokenizer(text, vocab_size)
     return LMData(tok.encode(text), tok, files, len(text))
 
 
-def train_lm(which: str, data: LMData, *, steps: Optional[int] = None, seconds: Optional[float] = None,
-             batch: int = 16, context: int = 128, dim: int = 128, layers: int = 2, lr: float = 3e-3,
-             seed: int = 0, on_step: Optional[Callable[[int, float], None]] = None,
-             measure_memory: bool = True) -> LMRun:
-    """Train :class:`TinyLM` with loss ``which`` (see :func:`lm_loss`).
+def train_lms(whiches: Sequence[str], data: LMData, *, steps: Optional[int] = None, seconds: Optional[float] = None,
+              batch: int = 16, context: int = 128, dim: int = 128, layers: int = 2, lr: float = 3e-3,
+              seed: int = 0, on_step: Optional[Callable[[int, List[float]], None]] = None,
+              measure_memory: bool = True) -> List[LMRun]:
+    """Train one :class:`TinyLM` per loss in ``whiches`` (see :func:`lm_loss`), in lockstep.
 
-    The model's initial weights and the batches (random windows of ``context``
-    tokens) depend only on ``seed``, so two runs with different losses see the
-    same model and data; their losses agree up to float32 rounding.
+    Every model starts from the same weights (``seed``) and sees the same
+    batches (random windows of ``context`` tokens, also from ``seed``); step
+    ``k`` of each run is taken before step ``k + 1`` of any, so all runs have
+    the same number of steps and share the machine's load alike. A run with
+    ``"logits"`` also records, at each step, ``linear_cross_entropy`` on its
+    own hidden states and weights (``LMRun.check``, no gradient).
 
     Args:
-        which (str): ``"logits"`` or ``"linear"``.
+        whiches (sequence of str): ``"logits"`` and/or ``"linear"``.
         data (LMData): from :func:`load_data`.
         steps (int, optional): number of steps. One of ``steps`` and ``seconds`` is needed.
-        seconds (float, optional): train until this many seconds have passed
-            (at least one step), when ``steps`` is not given.
+        seconds (float, optional): when ``steps`` is not given, take steps until
+            this many seconds have passed (at least one).
         batch, context, dim, layers (int): the batch and model shape.
         lr (float): AdamW learning rate. Default: 3e-3.
         seed (int): seed of the weights and the batches. Default: 0.
-        on_step (callable, optional): called as ``on_step(step, loss)`` after each step.
-        measure_memory (bool): measure the loss's peak memory on one more batch
-            after training (:func:`loss_peak_bytes`). Default: ``True``.
+        on_step (callable, optional): ``on_step(step, losses)`` after each step,
+            with the loss of each run.
+        measure_memory (bool): then measure each loss's peak memory on one
+            more batch (:func:`loss_peak_bytes`). Default: ``True``.
     """
-    if which not in LOSSES:
-        raise ValueError(f"loss {which!r}: use one of {LOSSES}")
+    for which in whiches:
+        if which not in LOSSES:
+            raise ValueError(f"loss {which!r}: use one of {LOSSES}")
     if steps is None and seconds is None:
-        raise ValueError("train_lm needs steps= or seconds=")
+        raise ValueError("train_lms needs steps= or seconds=")
     if steps is not None and steps < 1:
         raise ValueError(f"steps={steps}: pass at least 1")
     if data.ids.numel() <= context + 1:
         raise ValueError(f"the corpus has {data.ids.numel()} tokens, fewer than context={context} + 1: "
                          "read more text (max_bytes) or shorten the context")
     V = data.tokenizer.vocab_size
-    torch.manual_seed(seed)
-    model = TinyLM(V, dim, layers, context=context)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    models, opts = [], []
+    for _ in whiches:
+        torch.manual_seed(seed)
+        models.append(TinyLM(V, dim, layers, context=context))
+        opts.append(torch.optim.AdamW(models[-1].parameters(), lr=lr))
     gen = torch.Generator().manual_seed(seed)
-    run = LMRun(which)
+    runs = [LMRun(which) for which in whiches]
     offsets = torch.arange(context)
-    t_end = None if steps is not None else time.perf_counter() + seconds
+    t_end = time.perf_counter() + (seconds or 0)
 
     def batch_ids() -> torch.Tensor:
         starts = torch.randint(0, data.ids.numel() - context, (batch, 1), generator=gen)
         return data.ids[starts + offsets]
 
     step = 0
-    while (step < steps) if steps is not None else (step == 0 or time.perf_counter() < t_end):
+    while step < steps if steps is not None else (step == 0 or time.perf_counter() < t_end):
         ids = batch_ids()
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss = lm_loss(which, model.hidden(ids), model.head.weight, ids)
-        loss.backward()
-        opt.step()
-        run.step_seconds.append(time.perf_counter() - t0)
-        run.losses.append(float(loss.detach()))
+        for which, model, opt, run in zip(whiches, models, opts, runs):
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            h = model.hidden(ids)
+            loss = lm_loss(which, h, model.head.weight, ids)
+            loss.backward()
+            t1 = time.perf_counter()
+            if which == "logits":  # the other loss on the same hidden states and weights (untimed)
+                with torch.no_grad():
+                    run.check.append(float(lm_loss("linear", h.detach(), model.head.weight.detach(), ids)))
+            t2 = time.perf_counter()
+            opt.step()
+            run.step_seconds.append(time.perf_counter() - t2 + t1 - t0)
+            run.losses.append(float(loss.detach()))
         step += 1
         if on_step:
-            on_step(step, run.losses[-1])
+            on_step(step, [r.losses[-1] for r in runs])
     if measure_memory:
         ids = batch_ids()
-        with torch.no_grad():
-            h = model.hidden(ids)
-        run.peak_bytes = loss_peak_bytes(which, h, model.head.weight, ids)
-    return run
+        for which, model, run in zip(whiches, models, runs):
+            with torch.no_grad():
+                h = model.hidden(ids)
+            run.peak_bytes = loss_peak_bytes(which, h, model.head.weight, ids)
+    return runs
+
+
+def train_lm(which: str, data: LMData, **kwargs) -> LMRun:
+    """One run of :func:`train_lms`."""
+    return train_lms([which], data, **kwargs)[0]
 
 
 def _mb(b: Optional[int]) -> str:
     return "unmeasured" if b is None else f"{b / 2**20:.1f} MB"
 
 
-def lm_demo(seconds: float = 60.0, vocab_size: int = 8192, max_bytes: int = 2_000_000, console=None,
+def lm_demo(seconds: float = 50.0, vocab_size: int = 4096, max_bytes: int = 2_000_000, console=None,
             batch: int = 16, context: int = 128) -> Tuple[LMRun, LMRun]:
-    """The demo's second part: train twice, print both loss curves and both peak memories.
-
-    The first run (materialised logits) trains for ``seconds / 2``; the second
-    (``linear_cross_entropy``) for the same number of steps.
+    """The demo's second part: train with materialised logits and with
+    ``linear_cross_entropy`` in lockstep for ``seconds`` (:func:`train_lms`), then
+    print both loss curves and both peak memories (:func:`loss_peak_bytes`).
 
     Returns:
         ``(logits_run, linear_run)``.
@@ -330,53 +352,53 @@ def lm_demo(seconds: float = 60.0, vocab_size: int = 8192, max_bytes: int = 2_00
     from rich.table import Table
 
     if seconds <= 0:
-        raise ValueError(f"seconds={seconds}: pass a positive time budget, e.g. --lm-seconds 60")
+        raise ValueError(f"seconds={seconds}: pass a positive time budget, e.g. --lm-seconds 50")
     console = console or Console()
     t0 = time.perf_counter()
     data = load_data(vocab_size, max_bytes)
     V = data.tokenizer.vocab_size
     console.print(f"Corpus: the standard library's own source, {data.files} files of "
                   f"{os.path.dirname(os.__file__)}, {data.chars / 1e6:.1f} M characters -> {data.ids.numel():,} "
-                  f"tokens (vocabulary {V}: 256 bytes + the most frequent words, numbers, indents and symbols), "
-                  f"read in {time.perf_counter() - t0:.1f} s.")
-    console.print(f"Model: 2-layer causal transformer, width 128, batch {batch} x {context} tokens, AdamW; "
-                  f"the [{batch}, {context}, {V}] float32 logits alone are "
-                  f"{batch * context * V * 4 / 2**20:.0f} MB.\n")
-
-    runs: List[LMRun] = []
-    with Progress(TextColumn("[bold]{task.description}[/bold]"), BarColumn(),
-                  TextColumn("step {task.completed}"), TextColumn("loss {task.fields[loss]:.4f}"),
-                  TimeElapsedColumn(), console=console, transient=False) as bar:
-        budget = seconds / 2
-        task = bar.add_task(LOSS_NAMES["logits"], total=None, loss=float("nan"))
-        runs.append(train_lm("logits", data, seconds=budget, batch=batch, context=context,
-                             on_step=lambda s, l: bar.update(task, completed=s, loss=l)))
-        n = len(runs[0].losses)
-        task = bar.add_task(LOSS_NAMES["linear"], total=n, loss=float("nan"))
-        runs.append(train_lm("linear", data, steps=n, batch=batch, context=context,
-                             on_step=lambda s, l: bar.update(task, completed=s, loss=l)))
-    a, b = runs
+                  f"tokens (vocabulary {V}: the 256 bytes + the most frequent words, numbers, indents and "
+                  f"symbols), read in {time.perf_counter() - t0:.1f} s.")
+    console.print(f"Model: 2-layer causal transformer, width 128, batches of {batch} x {context} tokens, AdamW; "
+                  f"its [{batch}, {context}, {V}] float32 logits alone are "
+                  f"{batch * context * V * 4 / 2**20:.0f} MB. The two runs take their steps in turn, "
+                  f"for {seconds:g} s.\n")
+    with Progress(TextColumn("[bold]training both[/bold]"), BarColumn(),
+                  TextColumn("step {task.completed}"),
+                  TextColumn("loss {task.fields[a]:.4f} (logits) / {task.fields[b]:.4f} (linear)"),
+                  TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("train", total=None, a=float("nan"), b=float("nan"))
+        a, b = train_lms(LOSSES, data, seconds=seconds, batch=batch, context=context,
+                         on_step=lambda s, ls: bar.update(task, completed=s, a=ls[0], b=ls[1]))
+        bar.update(task, total=len(a.losses))
     n = len(a.losses)
-    table = Table(title="same seed, same batches: the loss at each step")
+    table = Table(title="loss at each step: same initial weights, same batches")
     table.add_column("step", justify="right")
-    table.add_column(LOSS_NAMES["logits"], justify="right")
-    table.add_column(LOSS_NAMES["linear"], justify="right")
-    table.add_column("|difference|", justify="right")
-    shown = sorted({1, n} | {s for s in range(1, n + 1) if s % max(1, n // 8) == 0})
+    table.add_column("run 1: F.cross_entropy\n(head(h))", justify="right")
+    table.add_column("run 2: crossent.linear_\ncross_entropy", justify="right")
+    table.add_column("run 2 - run 1", justify="right")
+    table.add_column("linear_cross_entropy\non run 1's h - run 1", justify="right")
+    shown = sorted({1, n} | {s for s in range(1, n + 1) if s % max(1, n // 6) == 0})
     for s in shown:
-        x, y = a.losses[s - 1], b.losses[s - 1]
-        table.add_row(str(s), f"{x:.6f}", f"{y:.6f}", f"{abs(x - y):.1e}")
+        x, y, c = a.losses[s - 1], b.losses[s - 1], a.check[s - 1]
+        table.add_row(str(s), f"{x:.6f}", f"{y:.6f}", f"{y - x:+.1e}", f"{c - x:+.1e}")
     console.print(table)
-    worst = max(abs(x - y) / max(abs(x), 1e-12) for x, y in zip(a.losses, b.losses))
-    console.print(f"largest relative difference over all {n} steps: {worst:.1e} (float32 rounding)")
-    ms = [1e3 * sorted(r.step_seconds)[len(r.step_seconds) // 2] for r in runs]
-    console.print(f"median step: {ms[0]:.0f} ms with materialised logits, {ms[1]:.0f} ms with "
-                  f"linear_cross_entropy (whole step: model, loss, optimizer; CPU, noisy)")
+    same = max(abs(c - x) / abs(x) for c, x in zip(a.check, a.losses))
+    drift = max(abs(y - x) / abs(x) for x, y in zip(a.losses, b.losses))
+    console.print(f"On the same weights and hidden states the two losses agree to {same:.1e} (relative, largest "
+                  f"over {n} steps): float32 rounding. The two runs agree to {drift:.1e}: their rounding "
+                  "differences feed into the next steps' weights and compound, as any change in the order "
+                  "of float32 sums does.", highlight=False)
+    ms = [1e3 * sorted(r.step_seconds)[len(r.step_seconds) // 2] for r in (a, b)]
+    console.print(f"median step (model, loss, optimizer): {ms[0]:.0f} ms with materialised logits, {ms[1]:.0f} ms "
+                  "with linear_cross_entropy (CPU; noisy on a shared machine)", highlight=False)
     ratio = (f" ({b.peak_bytes / a.peak_bytes:.2f}x)" if a.peak_bytes and b.peak_bytes is not None else "")
     console.print(f"peak memory of the output layer + loss, forward and backward, one batch: "
                   f"[bold]{_mb(a.peak_bytes)}[/bold] with materialised logits, "
                   f"[bold green]{_mb(b.peak_bytes)}[/bold green] with linear_cross_entropy{ratio}")
     console.print("  (bytes of the tensors torch allocates during the step beyond those alive before it, from "
-                  "torch.profiler's allocation events; both include the hidden-state and head-weight gradients, "
-                  f"{(batch * context * 128 + V * 128) * 4 / 2**20:.1f} MB)")
+                  "torch.profiler's allocation events; both include the gradients of the hidden states and of "
+                  f"the head weight, {(batch * context * 128 + V * 128) * 4 / 2**20:.1f} MB)", highlight=False)
     return a, b
