@@ -631,16 +631,15 @@ def print_table(rows: List[Dict], title: str, console=None) -> None:
         t.add_column(col, justify="left" if col in ("kind", "impl") else "right", no_wrap=col == "impl")
     notes: Dict = {}
     for r in rows:
-        lead = ([r["kind"]] if many_kinds else []) + ([str(r["V"])] if sweep_v else [])
-        if r.get("note"):
-            key = (r["kind"], r["impl"], r["note"])
-            if key not in notes:
-                notes[key] = len(notes) + 1
-                t.add_row(*lead[:-1], *(["all"] if sweep_v else []), r["impl"],
-                          f"[yellow]{r['note'].split(':')[0]} ({notes[key]})[/yellow]", "", "", "")
+        if r.get("note"):  # listed once per (kind, impl, reason), after the measurements
+            notes.setdefault((r["kind"], r["impl"], r["note"]), len(notes) + 1)
             continue
-        t.add_row(*lead, r["impl"], _num(r["time_ms"], ".1f"), _num(r.get("time_ratio", float("nan")), ".2f"),
+        t.add_row(*([r["kind"]] if many_kinds else []), *([str(r["V"])] if sweep_v else []), r["impl"],
+                  _num(r["time_ms"], ".1f"), _num(r.get("time_ratio", float("nan")), ".2f"),
                   _num(r["peak_mb"], ".1f"), _num(r.get("mem_ratio", float("nan")), ".2f"))
+    for (kind, impl, note), n in notes.items():
+        t.add_row(*([kind] if many_kinds else []), *(["all"] if sweep_v else []), impl,
+                  f"[yellow]{note.split(':')[0]} ({n})[/yellow]", "", "", "")
     console.print(t)
     for (kind, impl, note), n in notes.items():
         console.print(f"({n}) {impl}{' / ' + kind if many_kinds else ''}: {note}", highlight=False)
@@ -696,9 +695,9 @@ def plot(rows: List[Dict], path: str, title: str) -> None:
 
 #: defaults, and those of --quick (a sweep of small linear_cross_entropy cases, about a minute on 2 CPU cores)
 DEFAULTS = {"N": 4096, "H": 0, "V": "32000", "impls": "torch,compile,auto,auto_inplace,liger,cce",
-            "kinds": "index,probs", "reps": 7, "warmup": 2, "per": "case"}
+            "kinds": "index,probs", "reps": 7, "warmup": 2, "per": "case", "threads": None}
 QUICK = {"N": 256, "H": 128, "V": "2048,8192,32768", "impls": "torch,auto,cce,liger", "kinds": "linear",
-         "reps": 3, "warmup": 0, "per": "impl"}
+         "reps": 3, "warmup": 0, "per": "impl", "threads": 1}
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
@@ -759,8 +758,8 @@ def _parser() -> argparse.ArgumentParser:
                     "its memory measured in a second one; impl: one process per (kind, impl) measures every V, "
                     "memory first (two steps per V, which also warm it up), then times (faster) " + d("per"))
     ap.add_argument("--threads", type=int, help="torch's CPU threads in the measuring processes "
-                    "(OMP_NUM_THREADS; default: torch's own choice). On a CPU shared with other work, 1 avoids "
-                    "threads that wait on each other")
+                    "(OMP_NUM_THREADS). On a CPU shared with other work, 1 avoids threads that wait on each "
+                    "other (default: torch's own choice; with --quick on CPU: 1)")
     ap.add_argument("--out-dir", help="folder of the CSV and PNG when --csv and --png are not given (default: "
                     "benchmarks/results when the current folder has one, else the current folder)")
     ap.add_argument("--csv", help="write the rows to this CSV file (then no PNG unless --png is given)")
@@ -775,6 +774,8 @@ def _settings(ap: argparse.ArgumentParser, a: argparse.Namespace) -> argparse.Na
     for key, value in preset.items():
         if getattr(a, key) is None:
             setattr(a, key, value)
+    if a.device.startswith("cuda") and a.threads == QUICK["threads"] and a.quick:
+        a.threads = None  # the GPU does the work
     for key in ("N", "reps"):
         if getattr(a, key) < 1:
             ap.error(f"--{key} {getattr(a, key)}: pass a positive integer, e.g. --{key} {QUICK[key]}")
@@ -828,7 +829,8 @@ def _title(a: argparse.Namespace) -> str:
     what = ", ".join(dict.fromkeys(_kind_title(k) for k in a.kind_list))
     shape = f"N={a.N}" + (f", H={a.H}" if any(k.startswith("linear") for k in a.kind_list) else "")
     vs = f"V={a.Vs[0]}" if len(a.Vs) == 1 else f"V in {{{', '.join(map(str, a.Vs))}}}"
-    return f"{what}; {shape}, {vs}, {a.dtype} on {a.device}"
+    threads = f", {a.threads} thread{'s' if a.threads > 1 else ''}" if a.threads and a.device == "cpu" else ""
+    return f"{what}; {shape}, {vs}, {a.dtype} on {a.device}{threads}"
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -208,6 +208,9 @@ def main(argv: Optional[List[str]] = None) -> None:
                    "takes as many steps as the first made in half of it)")
     d.add_argument("--lm-vocab", type=_positive(int, "a vocabulary size of at least 257, e.g. --lm-vocab 4096"),
                    default=4096, help="vocabulary of the language model: the 256 bytes + the most frequent words")
+    d.add_argument("--threads", type=_positive(int, "a number of threads, e.g. --threads 1"), default=None,
+                   help="torch's CPU threads (default: torch's own choice; on a CPU shared with other work, 1 "
+                   "avoids threads that wait on each other)")
     sub.add_parser("info", help="versions, devices and the impl 'auto' picks")
     sub.add_parser("bench", help="time and peak memory beside PyTorch and peers, as a table, CSV and plot "
                    "(crossent bench --help)", add_help=False)
@@ -224,6 +227,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         if args.lm_vocab < 257:
             d.error(f"--lm-vocab {args.lm_vocab}: the 256 bytes take the first ids; pass at least 257, "
                     "e.g. --lm-vocab 4096")
+        if args.threads:
+            torch.set_num_threads(args.threads)
         demo(args.epochs, args.part, args.lm_seconds, args.lm_vocab)
     else:
         info()

@@ -374,12 +374,12 @@ def lm_demo(seconds: float = 50.0, vocab_size: int = 4096, max_bytes: int = 2_00
                          on_step=lambda s, ls: bar.update(task, completed=s, a=ls[0], b=ls[1]))
         bar.update(task, total=len(a.losses))
     n = len(a.losses)
+    console.print("run 1: F.cross_entropy(head(h)); run 2: crossent.linear_cross_entropy(h, head.weight, tokens, "
+                  "shift=True); check: linear_cross_entropy on run 1's own h and head weight, at each step.",
+                  highlight=False)
     table = Table(title="loss at each step: same initial weights, same batches")
-    table.add_column("step", justify="right")
-    table.add_column("run 1: F.cross_entropy\n(head(h))", justify="right")
-    table.add_column("run 2: crossent.linear_\ncross_entropy", justify="right")
-    table.add_column("run 2 - run 1", justify="right")
-    table.add_column("linear_cross_entropy\non run 1's h - run 1", justify="right")
+    for col in ("step", "run 1", "run 2", "run 2 - run 1", "check - run 1"):
+        table.add_column(col, justify="right")
     shown = sorted({1, n} | {s for s in range(1, n + 1) if s % max(1, n // 6) == 0})
     for s in shown:
         x, y, c = a.losses[s - 1], b.losses[s - 1], a.check[s - 1]
