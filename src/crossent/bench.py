@@ -399,7 +399,9 @@ IMPLS = {
     "cce_torch_compile": "Cut Cross-Entropy, impl='torch_compile'",
 }
 LABELS = {"torch": "torch eager", "compile": "torch.compile", "auto": "crossent (auto)", "chunked": "crossent chunked",
-          "triton": "crossent triton", "liger": "Liger-Kernel", "cce_cce": "Cut Cross-Entropy (cce)",
+          "triton": "crossent triton", "auto_inplace": "crossent (auto, inplace_backward)",
+          "chunked_inplace": "crossent chunked, inplace_backward", "triton_inplace": "crossent triton, inplace_backward",
+          "chunked_mm": "crossent chunked, MKL", "liger": "Liger-Kernel", "cce_cce": "Cut Cross-Entropy (cce)",
           "cce_torch_compile": "Cut Cross-Entropy (torch_compile)"}
 PEERS = {"liger": ("liger_kernel", "Liger-Kernel", "pip install liger-kernel"),
          "cce": ("cut_cross_entropy", "Cut Cross-Entropy", "pip install cut-cross-entropy")}
@@ -628,7 +630,7 @@ def print_table(rows: List[Dict], title: str, console=None) -> None:
     cols = (["kind"] if many_kinds else []) + (["V"] if sweep_v else []) + ["impl", "time ms", "x torch",
                                                                            "peak MB", "x torch"]
     for col in cols:
-        t.add_column(col, justify="left" if col in ("kind", "impl") else "right", no_wrap=col == "impl")
+        t.add_column(col, justify="left" if col in ("kind", "impl") else "right", no_wrap=col in ("impl", "time ms"))
     notes: Dict = {}
     for r in rows:
         if r.get("note"):  # listed once per (kind, impl, reason), after the measurements
