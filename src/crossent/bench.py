@@ -22,6 +22,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from typing import Callable, Dict, List, Optional
@@ -476,20 +477,22 @@ def _sweep_process(impl, kind, N, Vs, dtype, device, reps, H, warmup, tick, thre
     Returns the rows by V; a size that failed has a row with ``note`` saying why."""
     cmd = [sys.executable, "-m", "crossent.bench", "--sweep-worker", impl, kind, str(N), ",".join(map(str, Vs)),
            dtype, device, str(reps), str(H), str(warmup)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_thread_env(threads))
     rows: Dict[int, Dict] = {}
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        try:
-            msg = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(msg, dict) and "phase" in msg:
-            tick()
-        elif isinstance(msg, dict) and "impl" in msg:
-            rows[msg["V"]] = msg
-    err = proc.stderr.read() if proc.stderr else ""
-    proc.wait()
+    with tempfile.TemporaryFile("w+") as errf:  # a file, not a pipe: a chatty worker cannot block on it
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errf, text=True, env=_thread_env(threads))
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(msg, dict) and "phase" in msg:
+                tick()
+            elif isinstance(msg, dict) and "impl" in msg:
+                rows[msg["V"]] = msg
+        proc.wait()
+        errf.seek(0)
+        err = errf.read()
     if proc.returncode != 0 or len(rows) < len(Vs):
         why = _last_error(err) or f"exit status {proc.returncode}"
         for V in Vs:
@@ -821,9 +824,6 @@ def _settings(ap: argparse.ArgumentParser, a: argparse.Namespace) -> argparse.Na
             kinds = "-".join(k.replace(":", "_") for k in a.kind_list)
             stem = f"bench_{kinds}_{a.dtype}_{a.device.replace(':', '')}_N{a.N}"
         a.csv, a.png = os.path.join(out, stem + ".csv"), os.path.join(out, stem + ".png")
-    elif a.out_dir:
-        a.csv = a.csv and os.path.join(a.out_dir, a.csv)
-        a.png = a.png and os.path.join(a.out_dir, a.png)
     return a
 
 
