@@ -66,31 +66,38 @@ fi
 step "GPU tests" 150 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -25 \
   | tee -a "$OUT/gpu_tests.txt"
 
-peers=""
-"$PY" -c "import liger_kernel" 2>/dev/null && peers="$peers,liger"
-lpeers=$peers
-"$PY" -c "import cut_cross_entropy" 2>/dev/null && lpeers="$lpeers,cce_cce"
 n=0
-# bench NAME CAP ARGS...: one `python -m crossent.bench` run writing its own CSV
+# bench NAME CAP IMPLS ARGS...: one `python -m crossent.bench` run per impl (a fresh process each, as
+# crossent.bench does anyway), each with its own CSV and timeout, so that a slow impl (a compile, an
+# autotune) costs only its own row; impls whose package is missing are dropped
 bench() {
-  local name=$1 cap=$2
-  shift 2
-  n=$(( n + 1 ))
-  step "$name" "$cap" "$PY" -m crossent.bench --device cuda "$@" --csv "$OUT/bench_$n.csv" 2>&1 | tail -14
+  local name=$1 cap=$2 impls=$3 impl
+  shift 3
+  for impl in ${impls//,/ }; do
+    case $impl in
+      liger) "$PY" -c "import liger_kernel" 2>/dev/null || { echo "== $name: liger skipped (not installed)"; continue; } ;;
+      cce*) "$PY" -c "import cut_cross_entropy" 2>/dev/null || { echo "== $name: $impl skipped (not installed)"; continue; } ;;
+    esac
+    n=$(( n + 1 ))
+    step "$name: $impl" "$cap" "$PY" -m crossent.bench --device cuda "$@" --impls "$impl" \
+      --csv "$OUT/bench_$(printf %02d "$n").csv" 2>&1 | tail -6
+  done
 }
 
-# linear_cross_entropy, bfloat16: the Llama-3 shape (goal: >= 65% of bf16 peak at 6 N H V flops),
-# then Cut Cross-Entropy's own setting in its three phases (loss, gradient, loss+gradient)
-bench "linear N=8192 H=4096 V=128256 bf16" 170 --kinds linear --dtype bfloat16 --N 8192 --H 4096 --V 128256 \
-  --impls "torch,compile,triton$lpeers" --reps 5
-bench "linear N=8192 H=2304 V=256000 bf16 (phases)" 120 --kinds linear:loss,linear:grad,linear --dtype bfloat16 \
-  --N 8192 --H 2304 --V 256000 --impls "torch,triton$lpeers" --reps 5
-# cross_entropy on given logits
-for shape in "bfloat16 8192 128256" "bfloat16 32768 32000" "float32 8192 128256"; do
-  read -r dt N V <<<"$shape"
-  bench "cross_entropy [$N, $V] $dt" 75 --kinds index --dtype "$dt" --N "$N" --V "$V" \
-    --impls "torch,compile,triton,triton_inplace$peers" --reps 10
-done
+# most important first: what does not fit in the budget is skipped, and says so.
+# linear_cross_entropy, bfloat16, the Llama-3 shape (goal: >= 65% of bf16 peak at 6 N H V flops)
+bench "linear N=8192 H=4096 V=128256 bf16" 120 "triton,cce_cce,liger,torch,compile" \
+  --kinds linear --dtype bfloat16 --N 8192 --H 4096 --V 128256 --reps 5
+# cross_entropy on given logits, the two benchmark shapes
+bench "cross_entropy [8192, 128256] bf16" 45 "triton,triton_inplace,liger,torch,compile" \
+  --kinds index --dtype bfloat16 --N 8192 --V 128256 --reps 10
+bench "cross_entropy [32768, 32000] bf16" 45 "triton,triton_inplace,liger,torch,compile" \
+  --kinds index --dtype bfloat16 --N 32768 --V 32000 --reps 10
+# Cut Cross-Entropy's own setting in its three phases (loss, gradient, loss+gradient)
+bench "linear N=8192 H=2304 V=256000 bf16 (phases)" 90 "triton,cce_cce,liger,torch" \
+  --kinds linear:loss,linear:grad,linear --dtype bfloat16 --N 8192 --H 2304 --V 256000 --reps 5
+bench "cross_entropy [8192, 128256] fp32" 45 "triton,liger,torch,compile" \
+  --kinds index --dtype float32 --N 8192 --V 128256 --reps 10
 
 # one CSV (the device tool brings back at most 8 files): the first header, then every row
 csvs=("$OUT"/bench_*.csv)
