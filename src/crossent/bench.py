@@ -478,8 +478,8 @@ def _sweep_process(impl, kind, N, Vs, dtype, device, reps, H, warmup, tick, thre
     cmd = [sys.executable, "-m", "crossent.bench", "--sweep-worker", impl, kind, str(N), ",".join(map(str, Vs)),
            dtype, device, str(reps), str(H), str(warmup)]
     rows: Dict[int, Dict] = {}
+    with tempfile.TemporaryFile("w+") as errf:  # a file, not a pipe: a chatty worker cannot block on it
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errf, text=True, env=_thread_env(threads))
-        assert proc.stdout is not None
         for line in proc.stdout:
             try:
                 msg = json.loads(line)
