@@ -295,6 +295,31 @@ def test_opcheck(suffix):
             torch.library.opcheck(OPS[f"linear_cross_entropy_{suffix}"], args, kw)
 
 
+@pytest.mark.parametrize("suffix", ["chunked"] + (["triton_interpreted"] if INTERPRETED else []))
+def test_opcheck_non_contiguous_inputs(suffix):
+    """Logits with classes not innermost (``x.transpose(1, 2)``, channels_last), hidden states and a
+    weight stored transposed: the fake functions promise the layout the ops return (inductor asserts
+    it; a mismatch was a crash, or with its size asserts off a wrong gradient)."""
+    C = 5
+    x = torch.randn(2, 3, C).transpose(1, 2).requires_grad_(True)  # [P, C, Q], stride 1 along C
+    t = torch.randint(0, C, (2, 3))
+    opts = make_options(classes=C, device=x.device, label_smoothing=0.1)
+    tgt = normalize_target(t, x, 1, "auto", -100)
+    red = plan_reduction(tgt, opts, torch.float32, x.device, torch.Size([2, 3]), torch.float32)
+    torch.library.opcheck(OPS[f"cross_entropy_{suffix}"], (x,), dict(**_pack(tgt, opts, red), want_grad=True))
+    for reduction in ("mean", "none"):
+        h = torch.randn(8, 6).t().requires_grad_(True)  # [6, 8], column-major
+        W = torch.randn(8, C).t().requires_grad_(True)  # [C, 8], column-major
+        b = torch.randn(2 * C)[::2].requires_grad_(True)  # strided bias
+        t = torch.randint(0, C, (6,))
+        opts = make_options(classes=C, device=h.device, reduction=reduction)
+        tgt = normalize_target(t, _Logits((6, C), h.device), 1, "auto", -100)
+        red = plan_reduction(tgt, opts, torch.float32, h.device, torch.Size([6]), torch.float32)
+        torch.library.opcheck(OPS[f"linear_cross_entropy_{suffix}"], (h, W, b, None),
+                              dict(**_pack(tgt, opts, red), chunk_size=None, filter_eps=None, want_dx=True,
+                                   want_dw=True, want_db=True, row_scale=None))
+
+
 def test_ops_mutate_nothing():
     """The ops are functional: their schemas name no mutated argument (Cut Cross-Entropy's and quack's
     registered ops name what they write; ours write nothing they were given)."""

@@ -144,7 +144,7 @@ def _ce_fake(x3, kind, ta, tb, weight, ce_denom, z_denom, ce_scale, z_scale, mod
              ignore_index, label_smoothing, z_loss, softcap, want_pred, want_grad):
     P, C, Q = x3.shape
     rows = _row_outputs(x3, P * Q, out_dtype, _scalar(mode, ce_denom), want_pred)
-    return (*rows, torch.empty_like(x3) if want_grad else x3.new_empty((0,)))
+    return (*rows, x3.new_empty(x3.shape) if want_grad else x3.new_empty((0,)))  # contiguous, as the body's
 
 
 def _ce_setup(ctx, inputs, output):
@@ -183,7 +183,8 @@ def _lce_body(impl):
         res = impl.linear_cross_entropy(x2, row_ids, lw, lb, tgt, opts, red, want, row_scale)
         loss = red.reduce(res.terms.ce, res.terms.z)
         empty = x2.new_empty((0,))
-        grads = [g if g is not None else empty.clone() for g in (res.dx, res.dw, res.db)]
+        # contiguous whatever the inputs' strides (the fake function promises that layout)
+        grads = [g.contiguous() if g is not None else empty.clone() for g in (res.dx, res.dw, res.db)]
         return (*_finish_rows(x2, loss, res.terms, want_pred), *grads)
     return body
 
@@ -194,8 +195,8 @@ def _lce_fake(x2, lw, lb, row_ids, kind, ta, tb, weight, ce_denom, z_denom, ce_s
     M = ta.shape[0] * ta.shape[1] if kind != "probs" else ta.shape[0] * ta.shape[2]
     rows = _row_outputs(x2, M, out_dtype, _scalar(mode, ce_denom), want_pred)
     dx, dw, db = _formed(mode, ce_denom, row_scale, want_dx, want_dw, want_db)
-    return (*rows, torch.empty_like(x2) if dx else x2.new_empty((0,)), torch.empty_like(lw) if dw else x2.new_empty((0,)),
-            torch.empty_like(lb) if db else x2.new_empty((0,)))
+    return (*rows, x2.new_empty(x2.shape) if dx else x2.new_empty((0,)), lw.new_empty(lw.shape) if dw else
+            x2.new_empty((0,)), lb.new_empty(lb.shape) if db else x2.new_empty((0,)))
 
 
 _LCE_NARGS = 26
