@@ -178,15 +178,19 @@ def lce_fin_kernel(
         km = rmask[:, None] & (kk[None, :] < K)
         cols = tl.load(IDX + r[:, None] * K + kk[None, :], mask=km, other=0).to(tl.int64)
         vals = tl.load(VAL + r[:, None] * K + kk[None, :], mask=km, other=0.0).to(tl.float32)
-        # the target classes' logits: a [BM, KP] gather of rows of W
+        # the target classes' logits: rows of W gathered one target class at a time, so that the
+        # registers held ([BM, BK] tiles) do not grow with k
         xy = tl.zeros([BM, KP], dtype=tl.float32)
-        for k0 in range(0, H, BK):
-            hh = k0 + tl.arange(0, BK).to(tl.int64)
-            hm = hh < H
-            a = tl.load(X + rows[:, None] * sxr + hh[None, :], mask=rmask[:, None] & hm[None, :], other=0.0)
-            wy = tl.load(W + cols[:, :, None] * swv + hh[None, None, :], mask=km[:, :, None] & hm[None, None, :],
-                         other=0.0)
-            xy += tl.sum(a.to(tl.float32)[:, None, :] * wy.to(tl.float32), 2)
+        for j in range(0, K):
+            cj = tl.load(IDX + r * K + j, mask=rmask, other=0).to(tl.int64)
+            xj = tl.zeros([BM], dtype=tl.float32)
+            for k0 in range(0, H, BK):
+                hh = k0 + tl.arange(0, BK).to(tl.int64)
+                m2 = rmask[:, None] & (hh < H)[None, :]
+                a = tl.load(X + rows[:, None] * sxr + hh[None, :], mask=m2, other=0.0)
+                wy = tl.load(W + cj[:, None] * swv + hh[None, :], mask=m2, other=0.0)
+                xj += tl.sum(a.to(tl.float32) * wy.to(tl.float32), 1)
+            xy += tl.where(kk[None, :] == j, xj[:, None], 0.0)
         if HAS_B:
             xy += tl.load(B + cols, mask=km, other=0.0).to(tl.float32)
         if HAS_CAP:
