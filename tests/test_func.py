@@ -110,3 +110,31 @@ def test_registry_names_the_transform():
     grad(lambda a: seen.append(resolve("chunked", a.device, a.dtype)) or a.sum())(torch.ones(2))
     assert seen[0].name == "torch" and seen[0].transformed and "torch.func" in seen[0].reason
     assert resolve("chunked", torch.device("cpu"), D).name == "chunked"  # outside a transform: as asked
+
+
+@pytest.mark.parametrize("impl", ["auto", "chunked", "torch"])
+def test_forward_mode_ad(impl):
+    """``torch.autograd.forward_ad`` (dual tensors): the reference runs, torch's tangents."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, t, p, _, w = _data()
+    v = torch.linspace(-1, 1, x.numel(), dtype=D).reshape(x.shape)
+    W = x.T @ x / 4
+    with fwAD.dual_level():
+        d = fwAD.make_dual(x, v)
+        for ours, theirs in ((crossent.cross_entropy(d, t, w, label_smoothing=0.1, impl=impl),
+                              F.cross_entropy(d, t, w, label_smoothing=0.1)),
+                             (crossent.cross_entropy(d, p, impl=impl), F.cross_entropy(d, p)),
+                             (crossent.linear_cross_entropy(d, W, t, impl=impl), F.cross_entropy(d @ W.T, t))):
+            assert_close64(fwAD.unpack_dual(ours).tangent, fwAD.unpack_dual(theirs).tangent, "tangent")
+            assert_close64(fwAD.unpack_dual(ours).primal, fwAD.unpack_dual(theirs).primal, "primal")
+
+
+def test_overwritten_logits_are_refused_under_a_transform():
+    """Logits that an eager ``inplace_backward`` call overwrote hold a gradient: a later call under
+    ``grad`` (which sees them through its wrapper) raises as an eager call does."""
+    x, t, *_ = _data()
+    y = x.clone().requires_grad_(True) * 1
+    crossent.cross_entropy(y, t, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="inplace_backward"):
+        grad(lambda a: crossent.cross_entropy(a, t))(y.detach())

@@ -342,3 +342,22 @@ def test_triton_autotuned_launch_path(monkeypatch):
         assert_close(lo, le, torch.float32)
         for a, e in zip(go, ge):
             assert_close(a, e, torch.float32, "grad")
+
+
+@pytest.mark.parametrize("impl", ["torch", "chunked", "triton"])
+def test_shift_past_the_sequence_gives_no_position(impl):
+    """``shift >= T`` leaves no position: PyTorch's loss over the empty shifted logits (mean NaN, sum 0,
+    none empty) and zero gradients, as the stock Hugging Face loss gives for a one-token batch."""
+    for T, shift in ((1, 1), (2, 3)):
+        for reduction in ("mean", "sum", "none"):
+            h = torch.randn(2, T, 4, requires_grad=True)
+            W = torch.randn(7, 4, requires_grad=True)
+            t = torch.randint(0, 7, (2, T))
+            loss = crossent.linear_cross_entropy(h, W, t, shift=shift, reduction=reduction, impl=impl)
+            ref = F.cross_entropy(torch.zeros(0, 7), torch.zeros(0, dtype=torch.long), reduction=reduction)
+            if reduction == "none":
+                assert loss.shape == (2, 0)
+            else:
+                torch.testing.assert_close(loss, ref, equal_nan=True)
+            loss.sum().backward()
+            assert not h.grad.any() and not W.grad.any()

@@ -182,7 +182,7 @@ def cross_entropy(input: Tensor, target, weight: Optional[Tensor] = None, ignore
     tgt = normalize_target(target, input, cdim, check_target_format(target_format), opts.ignore_index)
     _guard_logits(input, tgt, opts)
     input = _promoted(input, tgt)
-    r = resolve(impl, input.device, input.dtype)
+    r = resolve(impl, input.device, input.dtype, (input,))
     check_supported(r, opts, tgt.requires_grad)
     shape3 = (math.prod(input.shape[:cdim]), C, math.prod(input.shape[cdim + 1:]))
     pos_shape = torch.Size(input.shape[:cdim] + input.shape[cdim + 1:])
@@ -228,13 +228,24 @@ def _vocab_parallel(input, target, dim, target_format: str, checked, group):
 
 def _guard_logits(input: Tensor, tgt: Target, opts: Options) -> None:
     """Logits that an earlier ``inplace_backward`` overwrote, or that this one must not overwrite."""
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
-        return  # traced, or transformed (the reference): nothing is written in place
+    if torch.compiler.is_compiling():
+        return  # traced: nothing is written in place, and fake tensors have no storage to look up
+    if torch._C._are_functorch_transforms_active():  # the reference runs: nothing is written in place
+        check_not_overwritten(_unwrapped(input))
+        return
     check_not_overwritten(input)
     if opts.inplace_backward:
         check_inplace(input)
         if isinstance(tgt, ProbsTarget):
             tgt.check_finite()  # before the logits are overwritten
+
+
+def _unwrapped(t: Tensor) -> Tensor:
+    """The plain tensor under torch.func's wrappers (its storage is the caller's)."""
+    f = torch._C._functorch
+    while f.is_functorch_wrapped_tensor(t):
+        t = f.get_unwrapped(t)
+    return t
 
 
 def _no_jit_trace() -> None:
@@ -412,7 +423,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target, linear_bi
     tgt = normalize_target(target, _Logits(pos_shape + (V,), input.device), len(pos_shape),
                            check_target_format(target_format), opts.ignore_index)
     x, lw, lb = _linear_promoted(input, linear_weight, linear_bias, tgt)
-    r = resolve(impl, x.device, x.dtype)
+    r = resolve(impl, x.device, x.dtype, (x, lw, lb))
     check_supported(r, opts, tgt.requires_grad, "linear_cross_entropy")
     autocast_off, out_dtype = _autocast_off(x)
     with autocast_off:
@@ -590,10 +601,9 @@ def _linear_positions(input: Tensor, target, V: int, shift: int):
     if input.dim() < 2:
         raise ValueError(f"shift needs input [..., T, H] with a sequence dim, got {_fmt(input.shape)}")
     T = input.shape[-2]
-    if shift >= T:
-        raise ValueError(f"shift={shift} leaves no position of a sequence of length {T} (input {_fmt(input.shape)})")
+    n = max(T - shift, 0)  # shift >= T: no position, as PyTorch's loss over the empty shifted logits (mean: NaN)
     target = _shifted_target(target, pos_shape, shift)
     B = math.prod(input.shape[:-2])
     row_ids = ((torch.arange(B, device=input.device) * T).unsqueeze(1)
-               + torch.arange(T - shift, device=input.device)).reshape(-1)
-    return torch.Size(input.shape[:-2] + (T - shift,)), target, row_ids
+               + torch.arange(n, device=input.device)).reshape(-1)
+    return torch.Size(input.shape[:-2] + (n,)), target, row_ids

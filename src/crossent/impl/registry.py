@@ -12,9 +12,10 @@ Each impl is a module exposing the same two entry points with the same signature
 ``torch`` (:mod:`.reference`) is differentiated by autograd; ``chunked`` and
 ``triton`` are fused (they form gradients themselves) and run through the
 autograd Functions of :mod:`crossent.ops` (eager) or its registered ops
-(while torch.compile traces). Under a torch.func transform every ``impl``
-resolves to the reference: the transforms need an op they can differentiate
-and batch, and a gradient formed inside the forward is neither.
+(while torch.compile traces). Under a torch.func transform, or with
+forward-mode AD tangents, every ``impl`` resolves to the reference: those
+need an op they can differentiate and batch, and a gradient formed inside
+the forward is neither.
 """
 
 from __future__ import annotations
@@ -60,13 +61,17 @@ def triton_available() -> bool:
     return True
 
 
-def resolve(impl: str, device: torch.device, dtype: torch.dtype) -> Resolved:
+def resolve(impl: str, device: torch.device, dtype: torch.dtype, tensors=()) -> Resolved:
     """Resolve ``impl`` (``"auto"`` | ``"torch"`` | ``"chunked"`` | ``"triton"``) for tensors of ``dtype`` on
-    ``device``; raises a clear error for a combination that cannot run."""
+    ``device``; raises a clear error for a combination that cannot run. ``tensors``: the differentiable
+    inputs, looked at for forward-mode AD tangents (``torch.autograd.forward_ad``)."""
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r} is not one of {', '.join(repr(i) for i in IMPLS)}")
     if impl == "torch":
         return Resolved("torch", "asked for: the reference (plain torch ops, autograd)")
+    if _has_tangent(tensors):
+        return Resolved("torch", f"impl={impl!r} with forward-mode AD tangents (torch.autograd.forward_ad): the "
+                                 "reference, which forward AD differentiates like torch's own", transformed=True)
     if torch._C._are_functorch_transforms_active():
         return Resolved("torch", f"impl={impl!r} under a torch.func transform (grad, vmap, jacrev, jacfwd, ...): "
                                  "the reference, which the transforms differentiate and batch like torch's own "
@@ -95,6 +100,14 @@ def resolve(impl: str, device: torch.device, dtype: torch.dtype) -> Resolved:
         f"impl='triton' runs its kernels on CUDA tensors, and these are on {device.type}: move them to a GPU "
         "(.cuda()), use impl='chunked' (or 'auto') on this device, or, to test the kernels on the CPU, set "
         "TRITON_INTERPRET=1 in the environment before triton is first imported")
+
+
+def _has_tangent(tensors) -> bool:
+    """Whether a forward-AD level is open and one of ``tensors`` carries a tangent there."""
+    fad = torch.autograd.forward_ad
+    if getattr(fad, "_current_level", -1) < 0:
+        return False
+    return any(t is not None and fad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def explain(device: torch.device) -> List[str]:
