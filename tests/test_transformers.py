@@ -263,6 +263,21 @@ def test_positional_arguments_and_return_dict_false():
         b = ours(ids, mask, labels=labels, return_dict=False)
     assert isinstance(b, tuple)
     torch.testing.assert_close(b[0].double(), a[0].double(), rtol=RTOL, atol=0)
+    # the stock tuple is (loss, logits, cache, ...): logits keep their place (None: never built)
+    assert len(b) == len(a) and b[1] is None and torch.is_tensor(a[1]) and a[1].shape[-1] == stock.config.vocab_size
+    assert type(b[2]) is type(a[2])
+
+
+def test_compile_fullgraph_linear_mode():
+    """torch.compile(fullgraph=True) of a patched model's training step: no graph break, the stock loss."""
+    stock, ours, _ = pair("llama")
+    ids, mask, labels = batch()
+    torch._dynamo.reset()
+    got = torch.compile(lambda i, m, y: ours(input_ids=i, attention_mask=m, labels=y).loss, backend="aot_eager",
+                        fullgraph=True)(ids, mask, labels)
+    torch.testing.assert_close(got.double(), stock(input_ids=ids, attention_mask=mask, labels=labels).loss.double(),
+                               rtol=RTOL, atol=0)
+    torch._dynamo.reset()
 
 
 def test_gpt2_output_class_and_decoder_fields():

@@ -166,6 +166,7 @@ class CrossentHandle:
         self.function = None           # our forward function (linear mode)
         self.signature = None          # the class forward's signature (self included)
         self.output_class = None
+        self.output_fields = ()        # its field names, read at apply time (torch.compile traces no dataclasses.fields)
         self.decoder_params = frozenset()
         self.decoder_varkw = False
 
@@ -431,11 +432,16 @@ def _linear_output(model, state, named, extra, labels):
 
     fields = {"loss": loss, "logits": None}
     if isinstance(dec_out, ModelOutput):
-        for f in dataclasses.fields(state.output_class):
-            if f.name not in fields and f.name in dec_out:
-                fields[f.name] = dec_out[f.name]
+        for f in state.output_fields:
+            if f not in fields and f in dec_out:
+                fields[f] = dec_out[f]
     out = state.output_class(**fields)
-    return out if return_dict else out.to_tuple()
+    if return_dict:
+        return out
+    # the stock tuple is (loss, logits, ...) with its None fields dropped: keep logits' place (None here),
+    # so that out[1] is never the cache
+    return tuple(None if f == "logits" else fields[f] for f in state.output_fields
+                 if f == "logits" or fields.get(f) is not None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -556,6 +562,7 @@ def apply(model, mode="linear", *, check=True):
     _check_linear(model)
     new.signature = inspect.signature(type(model).forward)
     new.output_class = _output_class(model)
+    new.output_fields = tuple(f.name for f in dataclasses.fields(new.output_class))
     dec_sig = inspect.signature(model.base_model.forward)
     new.decoder_params = frozenset(k for k, p in dec_sig.parameters.items()
                                    if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))
