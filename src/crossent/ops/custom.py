@@ -41,6 +41,7 @@ from ..impl.triton.launch import registered_op
 from ..options import Options
 from ..reduction import Reduction
 from ..targets import IndexTarget, ProbsTarget, Target, TopKTarget
+from ._grads import refuse_double_backward
 
 __all__ = ["compiled_cross_entropy", "compiled_linear_cross_entropy", "has_compiled_op", "OPS"]
 
@@ -112,17 +113,7 @@ def _none_grads(n: int) -> Tuple[None, ...]:
     return (None,) * n
 
 
-def _refuse_double_backward(what: str) -> None:
-    if torch.is_grad_enabled():
-        raise RuntimeError(f"crossent: {what} forms its gradient in the forward and cannot give a second "
-                           "derivative (backward with create_graph=True); use impl='torch' for double backward")
-
-
 # ------------------------------------------------------------------ cross_entropy
-
-_CE_ARGS = ("kind", "ta", "tb", "weight", "ce_denom", "z_denom", "ce_scale", "z_scale", "mode", "nan_at_zero",
-            "out_dtype", "ignore_index", "label_smoothing", "z_loss", "softcap", "want_pred")
-
 
 def _ce_body(impl):
     def body(x3: Tensor, kind: str, ta: Tensor, tb: Optional[Tensor], weight: Optional[Tensor],
@@ -159,7 +150,7 @@ def _ce_backward(ctx, g_loss, *_):
     (grad,) = ctx.saved_tensors
     if g_loss is None:
         return _none_grads(18)
-    _refuse_double_backward("cross_entropy with a fused impl under torch.compile")
+    refuse_double_backward("cross_entropy with a fused impl under torch.compile")
     P, C, Q = ctx.shape3
     go = g_loss if ctx.scalar else g_loss.reshape(P, 1, Q)
     return (grad * go.to(grad.dtype), *_none_grads(17))
@@ -226,7 +217,7 @@ def _lce_backward_for(op_name: str):
     def backward(ctx, g_loss, *_):
         if g_loss is None:
             return _none_grads(_LCE_NARGS)
-        _refuse_double_backward("linear_cross_entropy with a fused impl under torch.compile")
+        refuse_double_backward("linear_cross_entropy with a fused impl under torch.compile")
         meta = ctx.inputs_meta
         want = (meta[22], meta[23], meta[24])
         if ctx.scalar:
