@@ -66,6 +66,9 @@ fi
 step "GPU tests" 150 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -25 \
   | tee -a "$OUT/gpu_tests.txt"
 
+have_liger=0 have_cce=0
+"$PY" -c "import liger_kernel" 2>/dev/null && have_liger=1
+"$PY" -c "import cut_cross_entropy" 2>/dev/null && have_cce=1
 n=0
 # bench NAME CAP IMPLS ARGS...: one `python -m crossent.bench` run per impl (a fresh process each, as
 # crossent.bench does anyway), each with its own CSV and timeout, so that a slow impl (a compile, an
@@ -75,8 +78,8 @@ bench() {
   shift 3
   for impl in ${impls//,/ }; do
     case $impl in
-      liger) "$PY" -c "import liger_kernel" 2>/dev/null || { echo "== $name: liger skipped (not installed)"; continue; } ;;
-      cce*) "$PY" -c "import cut_cross_entropy" 2>/dev/null || { echo "== $name: $impl skipped (not installed)"; continue; } ;;
+      liger) (( have_liger )) || { echo "== $name: liger skipped (not installed)"; continue; } ;;
+      cce*) (( have_cce )) || { echo "== $name: $impl skipped (not installed)"; continue; } ;;
     esac
     n=$(( n + 1 ))
     step "$name: $impl" "$cap" "$PY" -m crossent.bench --device cuda "$@" --impls "$impl" \
@@ -109,3 +112,4 @@ else
   echo "no benchmark wrote a CSV" | tee -a "$OUT/gpu_tests.txt"
 fi
 echo "== done in $(( SECONDS - T0 ))s"
+sleep 1  # let tee write the log's last lines

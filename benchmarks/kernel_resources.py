@@ -125,7 +125,7 @@ class Spec:
                 short.append("strided classes")
             if not self.attrs.get((sig.index("C"),)):
                 short.append("C%16!=0")
-        elif not self.attrs.get((sig.index("H"),)):
+        elif "H" in sig and not self.attrs.get((sig.index("H"),)):
             short.append("H%16!=0")
         return kind + (" " + ",".join(short) if short else "")
 
@@ -404,11 +404,14 @@ def compile_one(spec: Spec, cap: int, use_cache: bool = True) -> dict:
                                                                                       else "")),
                error=None)
     if use_cache:
-        os.makedirs(cache_dir(), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(res, f)
-        os.replace(tmp, path)
+        try:
+            os.makedirs(cache_dir(), exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(res, f)
+            os.replace(tmp, path)
+        except OSError:  # a cache that cannot be written costs time, not results
+            pass
     return dict(res, seconds=time.time() - t0, cached=False)
 
 
