@@ -44,16 +44,20 @@ def _smoothed(t, ls, inv_c, HAS_LS: tl.constexpr):
 
 
 @triton.jit
-def _track_argmax(x, cls, best, besti, axis: tl.constexpr):
+def _track_argmax(x, lo, idx, best, besti, axis: tl.constexpr):
     """Running (max, argmax) over class tiles, as ``torch.argmax``: ties keep the first class, and a
-    NaN wins over every number (the first NaN). ``cls`` holds the tile's class ids, broadcast like ``x``."""
-    big = 1 << 62
+    NaN wins over every number (the first NaN). ``idx`` holds positions broadcast like ``x`` and
+    ``lo`` is added to them: the linear kernel passes int32 positions in the tile and the tile's first
+    class (int64 class ids there cost a [BM, BV] tile of 64-bit registers)."""
+    big = 1 << 30
     isn = x != x
-    nan_i = tl.min(tl.where(isn, cls, big), axis)
+    nan_i = tl.min(tl.where(isn, idx, big), axis)
     xn = tl.where(isn, float("-inf"), x)
     tmax = tl.max(xn, axis)
-    ti = tl.min(tl.where(xn == tl.expand_dims(tmax, axis), cls, big), axis)
-    return _merge_argmax(best, besti, tl.where(nan_i < big, float("nan"), tmax), tl.where(nan_i < big, nan_i, ti))
+    ti = tl.min(tl.where(xn == tl.expand_dims(tmax, axis), idx, big), axis)
+    has_nan = nan_i < big
+    return _merge_argmax(best, besti, tl.where(has_nan, float("nan"), tmax),
+                         lo + tl.where(has_nan, nan_i, ti).to(tl.int64))
 
 
 @triton.jit
@@ -144,7 +148,7 @@ def ce_fwd_kernel(
         mask = offs < C
         x = tl.load(xrow + offs * sxc, mask=mask, other=float("-inf")).to(tl.float32)
         if WANT_PRED:  # of the raw logits: softcap's tanh may saturate distinct logits into a tie
-            best, besti = _track_argmax(x, offs, best, besti, 0)
+            best, besti = _track_argmax(x, 0, offs, best, besti, 0)  # (int32 positions made ptxas spill here)
         if HAS_CAP:
             x = tl.where(mask, softcap * _tanh(x / softcap), float("-inf"))
         tmax = _nan_max(x, 0)

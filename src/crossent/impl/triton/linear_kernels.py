@@ -90,7 +90,8 @@ def lce_fwd_kernel(
         vmask = v < v_hi
         x = _logits_tile(X, sxr, rows, rmask, W, swv, B, v, vmask, H, HAS_B, BM, BV, BK, PREC, F32DOT)
         if WANT_PRED:  # of the raw logits: softcap's tanh may saturate distinct logits into a tie
-            best, besti = _track_argmax(tl.where(vmask[None, :], x, float("-inf")), v[None, :], best, besti, 1)
+            best, besti = _track_argmax(tl.where(vmask[None, :], x, float("-inf")), v0,
+                                        tl.arange(0, BV)[None, :], best, besti, 1)
         if HAS_CAP:
             x = softcap * _tanh(x / softcap)
         x = tl.where(vmask[None, :], x, float("-inf"))
