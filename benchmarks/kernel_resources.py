@@ -12,7 +12,8 @@ compile-only stand-in driver reports a CUDA target, and triton's ``jit_cache_hoo
 each launch would compile (signature, constexprs, divisibility attributes, ``num_warps`` /
 ``num_stages``) and stops it there, so nothing is launched. The linear kernels run through
 ``build_kernels(True, ...)``, the autotuner of the launcher, with a timer that picks nothing:
-every candidate of ``CONFIG.triton_fwd_configs`` / ``triton_bwd_configs`` is recorded. Shapes are
+every candidate of the dtype's lists (``CONFIG.triton_fwd_configs`` / ``triton_bwd_configs``, or
+their ``_fp32`` twins for float32) is recorded. Shapes are
 small but have the divisibility of the benchmark shapes (every size a multiple of 16), which is
 all that triton specialises on besides the constexprs.
 
@@ -240,8 +241,12 @@ def cases(configs=None) -> List[Tuple[str, bool, Optional[tuple], Callable]]:
 
     dts = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     blocks = sorted({class_block(2 ** k) for k in range(0, 20)})
-    fwd, bwd = CONFIG.triton_fwd_configs, CONFIG.triton_bwd_configs
-    first = (fwd[:1], bwd[:1])
+    from crossent.impl.triton.linear import config_lists
+
+    def first(dtype):  # the first candidate of the dtype's lists
+        fwd, bwd = config_lists(dtype)
+        return fwd[:1], bwd[:1]
+
     out = []
     for dn, dt in dts.items():
         # the benchmarks (benchmarks/gpu_check.sh) run cross_entropy in bfloat16 and float32 at
@@ -260,15 +265,15 @@ def cases(configs=None) -> List[Tuple[str, bool, Optional[tuple], Callable]]:
         ("ce bfloat16 dim=1 with a trailing dim", False, None, _ce_case(bf, 32000, kdim=True)),
         ("ce bfloat16 probs dim=1 with a trailing dim", False, None, _ce_case(bf, 32000, "probs", kdim=True)),
         ("ce bfloat16 top-k all options, C=16", False, None, _ce_case(bf, 16, "topk", full=True)),
-        ("linear bfloat16 all options", False, first, _linear_case(bf, full=True)),
-        ("linear bfloat16 probs all options", False, first, _linear_case(bf, full=True, kind="probs")),
-        ("linear bfloat16 top-k all options", False, first, _linear_case(bf, full=True, kind="topk")),
-        ("linear bfloat16 input gradient only, H=40, V=500 (not multiples of 16)", False, first,
+        ("linear bfloat16 all options", False, first(bf), _linear_case(bf, full=True)),
+        ("linear bfloat16 probs all options", False, first(bf), _linear_case(bf, full=True, kind="probs")),
+        ("linear bfloat16 top-k all options", False, first(bf), _linear_case(bf, full=True, kind="topk")),
+        ("linear bfloat16 input gradient only, H=40, V=500 (not multiples of 16)", False, first(bf),
          _linear_case(bf, grads=(True, False), H=40, V=500)),
-        ("linear bfloat16 weight gradient only, H=32", False, first, _linear_case(bf, grads=(False, True), H=32)),
-        ("linear bfloat16 reduction='none'", False, first, _linear_case(bf, none=True)),
-        ("linear float32 all options", False, first, _linear_case(torch.float32, full=True)),
-        ("linear float16 all options", False, first, _linear_case(torch.float16, full=True)),
+        ("linear bfloat16 weight gradient only, H=32", False, first(bf), _linear_case(bf, grads=(False, True), H=32)),
+        ("linear bfloat16 reduction='none'", False, first(bf), _linear_case(bf, none=True)),
+        ("linear float32 all options", False, first(torch.float32), _linear_case(torch.float32, full=True)),
+        ("linear float16 all options", False, first(torch.float16), _linear_case(torch.float16, full=True)),
     ]
     return out
 
@@ -318,9 +323,16 @@ def capture(cap: int = 90) -> List[Spec]:
     registry.triton_interpreted = lambda: True  # the registry lets impl="triton" run on CPU tensors
     try:
         for name, bench, cfgs, call in cases():
-            fwd_c, bwd_c = cfgs or (CONFIG.triton_fwd_configs, CONFIG.triton_bwd_configs)
-            kernels = lin.build_kernels(True, do_bench=timer, fwd_configs=fwd_c, bwd_configs=bwd_c)
-            lin._kernels = lambda: kernels  # fresh autotuners: every config is tried, whatever was tuned before
+            built = {}
+
+            def fresh(dtype=None, cfgs=cfgs, built=built):
+                """Fresh autotuners over the dtype's lists (or the case's): every config is tried."""
+                fwd_c, bwd_c = cfgs or lin.config_lists(dtype)
+                if (fwd_c, bwd_c) not in built:
+                    built[fwd_c, bwd_c] = lin.build_kernels(True, do_bench=timer, fwd_configs=fwd_c,
+                                                            bwd_configs=bwd_c)
+                return built[fwd_c, bwd_c]
+            lin._kernels = fresh
             current.update(name=name, bench=bench)
             call()
     finally:
@@ -656,7 +668,9 @@ def write_markdown(path: str, specs, results, caps, seconds: float) -> None:
         f"{len(spills)} with spills ({len(bench_spills)} in the benchmark specialisations).",
         "",
         "Autotune lists (`crossent.config.CONFIG`, `(BM, BV, BK, num_warps, num_stages)`): forward "
-        f"`{list(CONFIG.triton_fwd_configs)}`, backward `{list(CONFIG.triton_bwd_configs)}`. The "
+        f"`{list(CONFIG.triton_fwd_configs)}`, backward `{list(CONFIG.triton_bwd_configs)}` (16-bit "
+        f"inputs); float32 forward `{list(CONFIG.triton_fwd_configs_fp32)}`, backward "
+        f"`{list(CONFIG.triton_bwd_configs_fp32)}`. The "
         "cross-entropy kernel's tile is `class_block(C)` (the next power of two of C, at most "
         f"`triton_max_block` = {CONFIG.triton_max_block}), with 8 warps from 2048 up, else 4; the benchmark "
         "shapes (C = 128256 and 32000) take the widest tile. The merging kernel (`lce_fin_kernel`) has "

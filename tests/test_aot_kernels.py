@@ -20,7 +20,6 @@ import textwrap
 
 import pytest
 
-from crossent.config import CONFIG
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "kernel_resources.py")
@@ -71,7 +70,10 @@ def test_every_config_target_and_dtype_is_covered(compiled):
     """Each autotune config, each class tile and the merging kernel, in every dtype, for every
     target: compiled at least once (in the benchmark's specialisation)."""
     _, _, results = compiled
+    import torch
+
     from crossent.impl.triton.cross_entropy import class_block
+    from crossent.impl.triton.linear import config_lists
 
     seen = set()
     for r in results:
@@ -88,8 +90,8 @@ def test_every_config_target_and_dtype_is_covered(compiled):
     for cap in sorted({r["cap"] for r in results}):
         for dt in ("fp32", "bf16", "fp16"):
             want += [("ce_fwd_kernel", dt, cap, blk) for blk in sorted({class_block(2 ** k) for k in range(20)})]
-            want += [(kernel, dt, cap, tuple(cfg)) for kernel, cfgs in (("lce_fwd_kernel", CONFIG.triton_fwd_configs),
-                                                                         ("lce_bwd_kernel", CONFIG.triton_bwd_configs))
+            fwd, bwd = config_lists({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dt])
+            want += [(kernel, dt, cap, tuple(cfg)) for kernel, cfgs in (("lce_fwd_kernel", fwd), ("lce_bwd_kernel", bwd))
                      for cfg in cfgs]
             want.append(("lce_fin_kernel", dt, cap))
     missing = [w for w in want if w not in seen]

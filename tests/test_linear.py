@@ -328,7 +328,7 @@ def test_triton_autotuned_launch_path(monkeypatch):
         return [1.0, 1.0, 1.0]
 
     kernels = tl_linear.build_kernels(True, do_bench=timer)
-    monkeypatch.setattr(tl_linear, "_kernels", lambda: kernels)
+    monkeypatch.setattr(tl_linear, "_kernels", lambda dtype=None: kernels)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(37, 20, generator=g)
     W = torch.randn(300, 20, generator=g)

@@ -25,7 +25,9 @@ module constants, so changing one takes effect at the next call.
   autotuned ``BV`` divides it).
 * ``triton_fwd_configs`` / ``triton_bwd_configs``: the autotuner's
   ``(BM, BV, BK, num_warps, num_stages)`` candidates for the linear kernels
-  (``benchmarks/kernel_resources.py`` checks that none spills registers).
+  with 16-bit inputs; ``triton_fwd_configs_fp32`` / ``triton_bwd_configs_fp32``
+  for float32 inputs, whose IEEE float32 dots need smaller tiles to stay in
+  registers (``benchmarks/kernel_resources.py`` checks that none spills).
 
 Tests change knobs only through :func:`override`, which restores them.
 """
@@ -66,6 +68,9 @@ class Config:
     triton_bwd_configs: Tuple[Tuple[int, int, int, int, int], ...] = (
         (64, 128, 32, 4, 3), (64, 128, 32, 8, 3), (128, 128, 32, 8, 3), (128, 128, 32, 8, 4),
         (64, 256, 32, 8, 3))
+    triton_fwd_configs_fp32: Tuple[Tuple[int, int, int, int, int], ...] = ((32, 64, 32, 4, 3), (64, 64, 16, 4, 3))
+    triton_bwd_configs_fp32: Tuple[Tuple[int, int, int, int, int], ...] = (
+        (32, 128, 16, 4, 3), (32, 64, 32, 4, 3), (64, 64, 16, 4, 2))
 
 
 CONFIG = Config(checks=_env_flag("CROSSENT_CHECKS", True), onednn=_env_flag("CROSSENT_ONEDNN", True))

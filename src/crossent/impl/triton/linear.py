@@ -30,10 +30,19 @@ def _configs(shapes):
     return [triton.Config(dict(BM=bm, BV=bv, BK=bk), num_warps=w, num_stages=st) for bm, bv, bk, w, st in shapes]
 
 
-def _kernels():
-    """``(forward, finish, backward, autotuned)``: under ``TRITON_INTERPRET=1`` (read at every call) the
-    plain kernels (the launcher passes block sizes fitted to the problem), else autotuned ones."""
-    return _built(not triton_interpreted(), CONFIG.triton_fwd_configs, CONFIG.triton_bwd_configs)
+def config_lists(dtype: torch.dtype):
+    """The autotune candidates ``(forward, backward)`` for inputs of ``dtype``: float32 has its own
+    (smaller tiles: its IEEE dots hold more in registers), 16-bit inputs share the others."""
+    if dtype == torch.float32:
+        return CONFIG.triton_fwd_configs_fp32, CONFIG.triton_bwd_configs_fp32
+    return CONFIG.triton_fwd_configs, CONFIG.triton_bwd_configs
+
+
+def _kernels(dtype: torch.dtype = torch.bfloat16):
+    """``(forward, finish, backward, autotuned)`` for inputs of ``dtype``: under ``TRITON_INTERPRET=1``
+    (read at every call) the plain kernels (the launcher passes block sizes fitted to the problem),
+    else ones autotuned over :func:`config_lists`."""
+    return _built(not triton_interpreted(), *config_lists(dtype))
 
 
 @functools.lru_cache(maxsize=None)
@@ -160,7 +169,7 @@ def _prepare(x2, row_ids, linear_weight, linear_bias, tgt: Target, opts: Options
     cw = None if cw is None else cw.contiguous()
     dummy = torch.zeros(1, dtype=f32, device=dev)
     prob, idx, vals, rv, K, M = _targets(tgt, cw, opts.label_smoothing, V, dummy)
-    _, _, _, tuned = _kernels()
+    _, _, _, tuned = _kernels(x2.dtype)
     bm_max, bv_max, bk_max = CONFIG.triton_linear_blocks
     return _Call(
         x2=x2 if x2.stride(-1) == 1 else x2.contiguous(), rid=row_ids if row_ids is not None else dummy,
@@ -179,7 +188,7 @@ def _forward(c: _Call):
     """Per-split online statistics (forward kernel), merged into the loss terms (finish kernel)."""
     import triton
 
-    fwd, fin, _, _ = _kernels()
+    fwd, fin, _, _ = _kernels(c.x2.dtype)
     f32, dev, M, V, H = torch.float32, c.x2.device, c.M, c.V, c.H
     ls, want_pred = c.opts.label_smoothing, c.opts.return_extras
     split_v = _split_width(hint(M), hint(V), dev, CONFIG.triton_split_grain if c.tuned else c.blocks["BV"])
@@ -216,7 +225,7 @@ def _backward(c: _Call, mx: Tensor, logs: Tensor, mass: Tensor, red: Reduction, 
     """The input, weight and bias gradients in float32 (atomics over row blocks x vocabulary tiles)."""
     import triton
 
-    _, _, bwd, _ = _kernels()
+    _, _, bwd, _ = _kernels(c.x2.dtype)
     f32, dev, M, V, H = torch.float32, c.x2.device, c.M, c.V, c.H
     need_dx, need_dw, need_db = want_grads
     dx = torch.zeros(c.x2.shape, dtype=f32, device=dev) if need_dx else c.dummy
