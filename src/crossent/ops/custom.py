@@ -87,6 +87,11 @@ def _scalar(mode: str, ce_denom: Optional[Tensor]) -> bool:
     return mode != "none" or ce_denom is not None
 
 
+def _positions(kind: str, ta: Tensor):
+    """The number of positions of a packed target (``[P, Q]`` / ``[P, Q, k]``, or ``[P, C, Q]`` probabilities)."""
+    return ta.shape[0] * (ta.shape[2] if kind == "probs" else ta.shape[1])
+
+
 def _row_outputs(x: Tensor, M, out_dtype: torch.dtype, scalar: bool, want_pred: bool):
     """Fresh ``(loss, lse, z, pred)`` of the right shapes and dtypes (the fake functions' outputs)."""
     acc = acc_dtype(x.dtype)
@@ -138,10 +143,13 @@ def _ce_fake(x3, kind, ta, tb, weight, ce_denom, z_denom, ce_scale, z_scale, mod
     return (*rows, x3.new_empty(x3.shape) if want_grad else x3.new_empty((0,)))  # contiguous, as the body's
 
 
+_CE_PARAMS = tuple(inspect.signature(_ce_fake).parameters)  # the op's arguments, in order
+
+
 def _ce_setup(ctx, inputs, output):
-    x3, mode, ce_denom = inputs[0], inputs[9], inputs[5]
-    ctx.scalar = _scalar(mode, ce_denom)
-    ctx.shape3 = x3.shape
+    a = dict(zip(_CE_PARAMS, inputs))
+    ctx.scalar = _scalar(a["mode"], a["ce_denom"])
+    ctx.shape3 = a["x3"].shape
     ctx.mark_non_differentiable(*output[1:])
     ctx.save_for_backward(output[4])
 
@@ -149,11 +157,11 @@ def _ce_setup(ctx, inputs, output):
 def _ce_backward(ctx, g_loss, *_):
     (grad,) = ctx.saved_tensors
     if g_loss is None:
-        return _none_grads(18)
+        return _none_grads(len(_CE_PARAMS))
     refuse_double_backward("cross_entropy with a fused impl under torch.compile")
     P, C, Q = ctx.shape3
     go = g_loss if ctx.scalar else g_loss.reshape(P, 1, Q)
-    return (grad * go.to(grad.dtype), *_none_grads(17))
+    return (grad * go.to(grad.dtype), *_none_grads(len(_CE_PARAMS) - 1))
 
 
 # ------------------------------------------------------------------ linear_cross_entropy
@@ -166,8 +174,7 @@ def _lce_body(impl):
              chunk_size: Optional[int], filter_eps: Optional[float], want_dx: bool, want_dw: bool, want_db: bool,
              row_scale: Optional[Tensor]
              ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        M = ta.shape[0] * ta.shape[1] if kind != "probs" else ta.shape[0] * ta.shape[2]
-        tgt, opts, red = _unpack(M, kind, ta, tb, weight, ce_denom, z_denom, ce_scale, z_scale, mode,
+        tgt, opts, red = _unpack(_positions(kind, ta), kind, ta, tb, weight, ce_denom, z_denom, ce_scale, z_scale, mode,
                                  nan_at_zero, out_dtype, ignore_index, label_smoothing, z_loss, softcap, want_pred,
                                  chunk_size, filter_eps)
         want = _formed(mode, ce_denom, row_scale, want_dx, want_dw, want_db)
@@ -183,14 +190,10 @@ def _lce_body(impl):
 def _lce_fake(x2, lw, lb, row_ids, kind, ta, tb, weight, ce_denom, z_denom, ce_scale, z_scale, mode, nan_at_zero,
               out_dtype, ignore_index, label_smoothing, z_loss, softcap, want_pred, chunk_size, filter_eps,
               want_dx, want_dw, want_db, row_scale):
-    M = ta.shape[0] * ta.shape[1] if kind != "probs" else ta.shape[0] * ta.shape[2]
-    rows = _row_outputs(x2, M, out_dtype, _scalar(mode, ce_denom), want_pred)
+    rows = _row_outputs(x2, _positions(kind, ta), out_dtype, _scalar(mode, ce_denom), want_pred)
     dx, dw, db = _formed(mode, ce_denom, row_scale, want_dx, want_dw, want_db)
     return (*rows, x2.new_empty(x2.shape) if dx else x2.new_empty((0,)), lw.new_empty(lw.shape) if dw else
             x2.new_empty((0,)), lb.new_empty(lb.shape) if db else x2.new_empty((0,)))
-
-
-_LCE_NARGS = 26
 
 
 def _formed(mode: str, ce_denom: Optional[Tensor], row_scale: Optional[Tensor], *want: bool) -> Tuple[bool, ...]:
@@ -200,10 +203,15 @@ def _formed(mode: str, ce_denom: Optional[Tensor], row_scale: Optional[Tensor], 
     return tuple(bool(w) and known for w in want)
 
 
+_LCE_PARAMS = tuple(inspect.signature(_lce_fake).parameters)  # the op's arguments, in order
+
+
 def _lce_setup(ctx, inputs, output):
-    ctx.scalar = _scalar(inputs[12], inputs[8])
+    a = dict(zip(_LCE_PARAMS, inputs))
+    ctx.scalar = _scalar(a["mode"], a["ce_denom"])
     ctx.inputs_meta = [None if isinstance(i, Tensor) else i for i in inputs]  # no tensor kept by accident
-    ctx.has_bias = inputs[2] is not None
+    ctx.want = (a["want_dx"], a["want_dw"], a["want_db"])
+    ctx.has_bias = a["lb"] is not None
     ctx.mark_non_differentiable(*output[1:])
     if ctx.scalar:  # the gradients were formed in the forward
         ctx.save_for_backward(*output[4:7])
@@ -216,20 +224,18 @@ def _lce_setup(ctx, inputs, output):
 def _lce_backward_for(op_name: str):
     def backward(ctx, g_loss, *_):
         if g_loss is None:
-            return _none_grads(_LCE_NARGS)
+            return _none_grads(len(_LCE_PARAMS))
         refuse_double_backward("linear_cross_entropy with a fused impl under torch.compile")
-        meta = ctx.inputs_meta
-        want = (meta[22], meta[23], meta[24])
         if ctx.scalar:
-            dx, dw, db = (g * g_loss.to(g.dtype) if w else None for g, w in zip(ctx.saved_tensors, want))
+            dx, dw, db = (g * g_loss.to(g.dtype) if w else None for g, w in zip(ctx.saved_tensors, ctx.want))
         else:
-            args = list(meta)
+            args = list(ctx.inputs_meta)
             for k, t in zip(ctx.tensor_pos, ctx.saved_tensors):
                 args[k] = t
-            args[25] = g_loss.reshape(-1)
+            args[_LCE_PARAMS.index("row_scale")] = g_loss.reshape(-1)
             out = OPS[op_name](*args)
-            dx, dw, db = (g if w else None for g, w in zip(out[4:7], want))
-        return (dx, dw, db if ctx.has_bias else None, *_none_grads(_LCE_NARGS - 3))
+            dx, dw, db = (g if w else None for g, w in zip(out[4:7], ctx.want))
+        return (dx, dw, db if ctx.has_bias else None, *_none_grads(len(_LCE_PARAMS) - 3))
     return backward
 
 

@@ -24,8 +24,9 @@ def registered_op() -> Iterator[None]:
 
 
 def launch(kernel):
-    """``kernel``, ready for ``[grid](...)``: wrapped inside a registered op or a trace."""
-    if getattr(_STATE, "depth", 0) or torch.compiler.is_compiling():
+    """``kernel``, ready for ``[grid](...)``: wrapped inside a registered op (under torch.compile the
+    triton impl runs only there), as it is otherwise."""
+    if getattr(_STATE, "depth", 0):
         return torch.library.wrap_triton(kernel)
     return kernel
 
