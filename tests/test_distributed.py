@@ -326,3 +326,97 @@ def _agreement(rank: int, world: int):
 
 def test_ranks_that_disagree_raise_everywhere_and_edges_match_one_process(tmp_path):
     _run_ranks(_agreement, 2, tmp_path, deadline_s=120)
+
+
+def _training_stack(rank: int, world: int):
+    """Issue 15: ranks that disagree on data raise on every rank; what one device does, every rank does."""
+    W = dist.group.WORLD
+    g = torch.Generator().manual_seed(11)
+    C = 10
+    x = torch.randn(6, C, generator=g, dtype=torch.float64)
+    y = torch.randint(0, C, (6,), generator=g)
+    lo, hi = (0, 4) if rank == 0 else (4, C)
+    mine = x[:, lo:hi]
+    # different targets, num_items or hidden states on each rank: every rank raises, none returns a number
+    with pytest.raises(ValueError, match="different targets"):
+        crossent.cross_entropy(mine, (y + rank) % C, process_group=W)
+    with pytest.raises(ValueError, match="different num_items"):
+        crossent.cross_entropy(mine, y, reduction="sum", num_items=[0.97, 0.48][rank], process_group=W)
+    with pytest.raises(ValueError, match="different num_items"):
+        crossent.cross_entropy(mine, y, num_items=torch.tensor([3.0, 4.0][rank]), process_group=W)
+    with pytest.raises(ValueError, match="different targets"):
+        q = torch.softmax(torch.randn(6, C, generator=g, dtype=torch.float64) + rank, 1)
+        crossent.cross_entropy(mine, q, process_group=W)
+    # an FSDP-sharded weight seen outside the module's forward, each data-parallel rank with its own batch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 16, bias=False, dtype=torch.float64)
+    fully_shard(head, mesh=mesh)
+    h = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(100 + rank), dtype=torch.float64)
+    yy = torch.randint(0, 16, (2, 5), generator=torch.Generator().manual_seed(200 + rank))
+    with pytest.raises(ValueError, match="different hidden states.*fully_shard"):
+        crossent.linear_cross_entropy(h, head.weight, yy, shift=True)
+    # value checks that differ between ranks are caught too
+    with crossent.checks(rank == 0):
+        with pytest.raises(ValueError, match="value checks"):
+            crossent.cross_entropy(mine, y, process_group=W)
+    # inplace_backward under a group marks the logits as overwritten, as on one device
+    base = x.clone().requires_grad_(True)
+    logits = base * 1.0
+    part = logits[:, lo:hi]
+    part_owned = part.clone()
+    crossent.cross_entropy(part_owned, y, process_group=W, inplace_backward=True).backward()
+    with pytest.raises(RuntimeError, match="inplace_backward"):
+        crossent.cross_entropy(part_owned, y, process_group=W)
+    # a NaN in one rank's shard of the probabilities: every rank raises
+    q = torch.softmax(torch.randn(6, C, generator=g, dtype=torch.float64), 1)
+    qs = q[:, lo:hi].clone()
+    if rank == 1:
+        qs[2, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN" if rank == 1 else r"rank\(s\) \[1\] refused its target"):
+        crossent.cross_entropy(mine, qs, process_group=W)
+    # the full [C] class weight (replicated, as loss_parallel takes it) equals the single-device weighted loss
+    w = torch.rand(C, generator=g, dtype=torch.float64) + 0.1
+    ref = torch.nn.functional.cross_entropy(x, y, weight=w, label_smoothing=0.1)
+    for ww in (w, w[lo:hi]):
+        got = crossent.cross_entropy(mine, y, weight=ww, label_smoothing=0.1, process_group=W)
+        assert torch.allclose(got, ref, rtol=1e-12), (got, ref)
+    xd = distribute_tensor(x, mesh, [Shard(1)])
+    for ww in (w, distribute_tensor(w, mesh, [Replicate()])):
+        got = crossent.cross_entropy(xd, y, weight=ww, label_smoothing=0.1)
+        assert torch.allclose(got.full_tensor(), ref, rtol=1e-12)
+    with pytest.raises(ValueError, match="weight on rank"):
+        crossent.cross_entropy(mine, y, weight=w[:3], process_group=W)
+    # vocab-parallel linear CE with shift >= T: no position, as one device (mean: NaN, sum: 0)
+    Wt = torch.randn(C, 8, generator=g, dtype=torch.float64)
+    hh = torch.randn(2, 3, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    lab = torch.randint(0, C, (2, 3), generator=g)
+    for red, shift in (("mean", 3), ("sum", 3), ("sum", 5), ("none", 4)):
+        got = crossent.linear_cross_entropy(hh, Wt[lo:hi], lab, shift=shift, reduction=red, process_group=W)
+        one = crossent.linear_cross_entropy(hh, Wt, lab, shift=shift, reduction=red)
+        assert got.shape == one.shape and torch.allclose(got, one, equal_nan=True), (red, shift, got, one)
+    got.sum().backward() if got.numel() else None
+
+
+def test_training_stack_ranks_disagreeing_raise_everywhere_and_match_one_device(tmp_path):
+    _run_ranks(_training_stack, 2, tmp_path, deadline_s=150)
+
+
+class _StandInGroup:
+    """A one-rank group object as Megatron creates without torch.distributed (size() is 1)."""
+
+    def size(self):
+        return 1
+
+    def rank(self):
+        return 0
+
+
+def test_a_one_rank_stand_in_group_without_init_is_one_device():
+    x, y = torch.randn(4, 5, dtype=torch.float64), torch.tensor([0, 1, 4, 2])
+    got = crossent.cross_entropy(x, y, process_group=_StandInGroup())
+    assert torch.allclose(got, torch.nn.functional.cross_entropy(x, y), rtol=1e-12)

@@ -21,6 +21,9 @@ the backward needs no collective. It runs through the same autograd Function as 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 import math
 import zlib
 from dataclasses import dataclass
@@ -30,17 +33,23 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .config import value_checks
 from .impl.common import RowTerms, acc_dtype, host_reads_free
 from .options import Options
 from .reduction import Reduction, plan_reduction
-from .targets import IndexTarget, ProbsTarget, Target, _fmt, normalize_target, promoted_dtype
+from .targets import (IndexTarget, ProbsTarget, SparseTarget, Target, _fmt, check_after, normalize_target,
+                      promoted_dtype)
 
-__all__ = ["world_size", "shard_sizes", "vocab_parallel_terms", "copy_to_vocab_parallel", "is_dtensor",
+__all__ = ["agree_after", "data_fingerprint", "hidden_states_fingerprint", "local_weight", "world_size", "shard_sizes", "vocab_parallel_terms", "copy_to_vocab_parallel", "is_dtensor",
            "dtensor_logits", "dtensor_linear_args"]
 
 def world_size(group) -> int:
-    """The group's size (1 when torch.distributed is not initialised: nothing to reduce)."""
+    """The group's size. A group object that answers ``size()`` (a one-rank stand-in group, as
+    Megatron's) is asked directly; otherwise torch.distributed must be initialised."""
     if not dist.is_available() or not dist.is_initialized():
+        size = getattr(group, "size", None)
+        if callable(size):
+            return int(size())
         raise ValueError("process_group was given but torch.distributed is not initialised: call "
                          "torch.distributed.init_process_group first (or leave process_group=None)")
     return dist.get_world_size(group)
@@ -51,8 +60,64 @@ def _fingerprint(opts: Optional[Options], dtype) -> int:
     if opts is None:
         return 0
     key = (opts.ignore_index, opts.reduction, opts.label_smoothing, opts.z_loss, opts.softcap,
-           opts.weight is not None, opts.num_items is not None, opts.return_extras, str(dtype))
+           opts.weight is not None, opts.num_items is not None, opts.return_extras, str(dtype), value_checks())
     return zlib.crc32(repr(key).encode())
+
+
+def data_fingerprint(*tensors) -> int:
+    """An int64 every rank must agree on when it holds the same tensors (``None`` skipped): an
+    integer sum of their bits, weighted by position. Integer sums are exact and order-free, so the
+    number is the same on every rank and thread count; one read of the data, in chunks."""
+    total = 0
+    for t in tensors:
+        if t is None:
+            continue
+        flat = t.detach().reshape(-1)
+        if flat.dtype.is_floating_point:
+            flat = flat.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[flat.element_size()])
+        step = 1 << 20
+        for i in range(0, flat.numel(), step):
+            part = flat[i:i + step].to(torch.int64)
+            pos = torch.arange(i, i + part.numel(), device=part.device) % 8191 + 1
+            total = (total * 31 + int((part * pos).sum())) % (1 << 61)
+        total = (total * 31 + flat.numel()) % (1 << 61)
+    return total
+
+
+_HIDDEN_FINGERPRINT = contextvars.ContextVar("crossent_hidden_fingerprint", default=0)
+
+
+@contextlib.contextmanager
+def hidden_states_fingerprint(fp: int):
+    """Vocab-parallel linear CE: the replicated hidden states' fingerprint travels with the exchange of
+    the cross-entropy it runs on the shard's logits."""
+    token = _HIDDEN_FINGERPRINT.set(fp)
+    try:
+        yield
+    finally:
+        _HIDDEN_FINGERPRINT.reset(token)
+
+
+def _call_fingerprints(input: Tensor, target, cdim: int, opts: Options):
+    """``(targets, hidden states, num_items)`` numbers every rank must agree on. A float target with
+    this shard's class count may be this rank's shard of the probabilities: not compared."""
+    if isinstance(target, SparseTarget):
+        tfp = data_fingerprint(target.indices, target.values)
+    elif isinstance(target, Tensor):
+        shard = target.dtype.is_floating_point and target.dim() == input.dim() and \
+            target.shape[cdim] == input.shape[cdim]
+        tfp = 0 if shard else data_fingerprint(target)
+    else:
+        tfp = 0
+    return tfp, _HIDDEN_FINGERPRINT.get(), _num_items_bits(opts.num_items)
+
+
+def _num_items_bits(num_items) -> int:
+    """``num_items``'s value as a number every rank must agree on (a tensor is read on the host)."""
+    if num_items is None:
+        return 0
+    v = float(num_items.detach().reshape(()).item()) if isinstance(num_items, Tensor) else float(num_items)
+    return int(torch.tensor(v, dtype=torch.float64).view(torch.int64))
 
 
 def _exchange_device(group, input) -> torch.device:
@@ -69,18 +134,23 @@ def refuse_vocab_parallel(group, error: BaseException, input) -> None:
 
 
 def shard_sizes(group, classes: int, positions: int, device: torch.device, error: Optional[BaseException] = None,
-                opts: Optional[Options] = None, dtype=None) -> Tensor:
-    """Every rank's number of classes (``[world]`` int64 on the host), from one all-gather of
-    ``(classes, positions, refused, fingerprint)`` per rank at every call (a few numbers; a cache
-    could go stale between heads of different sizes). Ranks that disagree on the positions, the
-    options or the dtype, or a rank that refused its arguments, make every rank raise instead of
-    leaving the others waiting."""
-    mine = torch.tensor([classes, positions, int(error is not None), _fingerprint(opts, dtype)],
+                opts: Optional[Options] = None, dtype=None, data=(0, 0, 0), weight_len: int = -1) -> Tensor:
+    """``(classes, targets differ)``: every rank's number of classes (``[world]`` int64 on the host),
+    and whether the targets' fingerprints differ (raised after the target checks, so that a rank's
+    own refusal of its target is what every rank reports), from one all-gather of
+    ``(classes, positions, refused, options, targets, hidden states, num_items, weight length)``
+    per rank at every call (a few numbers; a cache could go stale between heads of different
+    sizes). ``data`` holds the fingerprints of the targets and hidden states and the value of
+    ``num_items`` (zeros while value checks are off). Ranks that disagree on any of them, or a rank
+    that refused its arguments, make every rank raise instead of leaving the others waiting or
+    returning different "global" losses."""
+    mine = torch.tensor([classes, positions, int(error is not None), _fingerprint(opts, dtype), *data, weight_len],
                         dtype=torch.int64, device=device)
     everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(everyone, mine, group=group)
     table = torch.stack(everyone).cpu()
     _raise_if_refused(error, table[:, 2], "its arguments")
+    _check_weight_lengths(table[:, 0], table[:, 7])
     if bool((table[:, 1] != table[0, 1]).any()):
         raise ValueError(f"vocab-parallel cross_entropy: the ranks hold different numbers of positions "
                          f"{table[:, 1].tolist()} (rank r has row r): every rank must pass the same positions "
@@ -88,8 +158,55 @@ def shard_sizes(group, classes: int, positions: int, device: torch.device, error
     if bool((table[:, 3] != table[0, 3]).any()):
         raise ValueError("vocab-parallel cross_entropy: the ranks were called with different options or logits "
                          "dtypes (label_smoothing, z_loss, softcap, ignore_index, reduction, weight, num_items, "
-                         "return_extras, dtype must agree): pass the same ones on every rank")
-    return table[:, 0]
+                         "return_extras, dtype, value checks must agree): pass the same ones on every rank")
+    for col, what in ((5, "hidden states"), (6, "num_items")):
+        if bool((table[:, col] != table[0, col]).any()):
+            raise _differ(what)
+    return table[:, 0], bool((table[:, 4] != table[0, 4]).any())
+
+
+def _differ(what: str) -> ValueError:
+    return ValueError(f"vocab-parallel cross_entropy: the ranks hold different {what} (compared by fingerprint "
+                      f"while value checks are on): vocab-parallel ranks split the classes of one batch, so every "
+                      f"rank must pass the same {what}. {_FSDP_HINT}")
+
+
+_FSDP_HINT = ("If the weight is sharded by FSDP (fully_shard) over data-parallel ranks, each with its own "
+              "batch, its shard is not a vocabulary shard: compute the loss inside the head module's forward "
+              "(torch.distributed.fsdp.register_fsdp_forward_method, or "
+              "crossent.integrations.transformers.apply(model)), or unshard it first (module.unshard()) and pass "
+              "the full weight")
+
+
+def _check_weight_lengths(sizes: Tensor, lengths: Tensor) -> None:
+    """Class weights on every rank: none, this rank's shard ``[C_r]``, or the full ``[C]`` (replicated,
+    as ``loss_parallel`` takes it); anything else raises on every rank, naming the ranks."""
+    C = int(sizes.sum())
+    bad = [r for r, (n, cr) in enumerate(zip(lengths.tolist(), sizes.tolist())) if n not in (-1, cr, C)]
+    if bad:
+        raise ValueError(f"vocab-parallel cross_entropy: weight on rank(s) {bad} has {lengths[bad].tolist()} "
+                         f"entries, but the ranks hold {sizes.tolist()} classes ({C} in all): pass each rank its "
+                         f"shard of the class weights, or the full [{C}] weight on every rank")
+    if bool(((lengths == -1) != (lengths[0] == -1)).any()):
+        raise ValueError("vocab-parallel cross_entropy: some ranks were given class weights and others not: "
+                         "pass weight on every rank or on none")
+
+
+def agree_after(group, tgt, target, loss: Tensor) -> None:
+    """The deferred target check (a NaN loss with probability targets: a NaN target?), agreed by every
+    rank: the loss is the same on all of them, so all take this branch; a NaN in one rank's shard of
+    the probabilities raises on every rank."""
+    if not (value_checks() and isinstance(tgt, ProbsTarget) and bool(torch.isnan(loss.detach()).any())):
+        return
+    error = None
+    try:
+        check_after(tgt, target, loss)
+    except (ValueError, TypeError) as e:
+        error = e
+    mine = torch.tensor([int(error is not None)], dtype=torch.int64, device=loss.device)
+    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(everyone, mine, group=group)
+    _raise_if_refused(error, torch.cat(everyone).cpu() > 0, "its target")
 
 
 def _raise_if_refused(error: Optional[BaseException], refused: Tensor, what: str) -> None:
@@ -113,6 +230,7 @@ class _Shard:
     mass: Tensor  # [M] T, the global target mass
     targets: "_LocalTargets"
     th: Optional[Tensor]  # [M, C_r] tanh(x / softcap)
+    opts: Optional[Options] = None  # the options with this rank's shard of the class weights
     NAME: str = "vocab-parallel"
 
     def cross_entropy(self, x3: Tensor, tgt: Target, opts: Options, red: Reduction,
@@ -237,10 +355,15 @@ def vocab_parallel_terms(input: Tensor, target, cdim: int, target_format: str, o
     P, Cr = math.prod(input.shape[:cdim]), input.shape[cdim]
     Q = math.prod(input.shape[cdim + 1:])
     M, dev, acc = P * Q, input.device, acc_dtype(input.dtype)
-    sizes = shard_sizes(group, Cr, M, dev, opts=opts, dtype=input.dtype)
+    data = _call_fingerprints(input, target, cdim, opts) if value_checks() else (0, 0, 0)
+    sizes, targets_differ = shard_sizes(group, Cr, M, dev, opts=opts, dtype=input.dtype, data=data,
+                                        weight_len=-1 if opts.weight is None else opts.weight.numel())
     rank = dist.get_rank(group)
     offset, C = int(sizes[:rank].sum()), int(sizes.sum())
     w = opts.class_weight(acc)
+    if w is not None and w.numel() == C and C != Cr:  # the full weight, replicated: this rank's shard
+        w = w[offset:offset + Cr]
+        opts = dataclasses.replace(opts, weight=opts.weight[offset:offset + Cr])
     error = None
     try:  # checked against the global vocabulary; a refusal travels with the next collective
         tgt = normalize_target(target, _target_shape(input, target, cdim, C), cdim, target_format,
@@ -270,6 +393,8 @@ def vocab_parallel_terms(input: Tensor, target, cdim: int, target_format: str, o
     dist.all_gather(gathered, stats, group=group)
     g = torch.stack(gathered)  # [W, 4, M]
     _raise_if_refused(error, g[:, 3, 0] > 0 if M else torch.zeros(len(sizes), dtype=torch.bool), "its target")
+    if targets_differ:
+        raise _differ("targets")
     lse = torch.logsumexp(g[:, 0], 0).to(acc)
     maxes = torch.where((sizes.to(dev) > 0).unsqueeze(1), g[:, 1], torch.full_like(g[:, 1], float("-inf")))
     pred = g[:, 2].gather(0, torch.argmax(maxes, 0, keepdim=True)).squeeze(0).long()
@@ -291,7 +416,7 @@ def vocab_parallel_terms(input: Tensor, target, cdim: int, target_format: str, o
     red = plan_reduction(tgt, opts, acc, dev, pos_shape, out_dtype,
                          weight_sum=packed[:, 2].sum() if (w is not None and isinstance(tgt, IndexTarget)) else None)
     terms = RowTerms(ce, z, lse, pred if opts.return_extras else None)
-    return _Shard(terms, xs, lse, packed[:, 1], lt, th), tgt, red, (P, Cr, Q)
+    return _Shard(terms, xs, lse, packed[:, 1], lt, th, opts), tgt, red, (P, Cr, Q)
 
 
 def _target_shape(input: Tensor, target, cdim: int, C: int) -> "_LikeLogits":
@@ -341,6 +466,13 @@ def is_dtensor(t) -> bool:
     except ImportError:  # pragma: no cover - older torch
         return False
     return isinstance(t, DTensor)
+
+
+def local_weight(weight):
+    """Class weights given as a DTensor: replicated (the full ``[C]``, as ``loss_parallel`` takes them)
+    or sharded with the vocabulary: this rank's tensor (the shard or the full weight, told apart by the
+    exchange)."""
+    return weight.to_local() if is_dtensor(weight) else weight
 
 
 def _replicated(mesh):

@@ -13,8 +13,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .distributed import (copy_to_vocab_parallel, dtensor_logits, dtensor_linear_args, is_dtensor,
-                          refuse_vocab_parallel, vocab_parallel_terms, world_size)
+from .distributed import (agree_after, copy_to_vocab_parallel, data_fingerprint, dtensor_logits,
+                          dtensor_linear_args, hidden_states_fingerprint, is_dtensor, local_weight, refuse_vocab_parallel,
+                          vocab_parallel_terms, world_size)
+from .config import value_checks
 from .impl.common import acc_dtype
 from .impl.registry import IMPLS, check_supported, resolve
 from .ops import (FusedCall, LinearCall, check_inplace, check_not_overwritten, fused_cross_entropy,
@@ -153,7 +155,7 @@ def cross_entropy(input: Tensor, target, weight: Optional[Tensor] = None, ignore
     _no_jit_trace()
     if is_dtensor(input):  # sharded on the class dim: vocab-parallel, a replicated loss
         input, process_group, wrap = dtensor_logits(input, dim)
-        out = cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, dim=dim,
+        out = cross_entropy(input, target, local_weight(weight), ignore_index, reduction, label_smoothing, dim=dim,
                             target_format=target_format, z_loss=z_loss, softcap=softcap, num_items=num_items,
                             impl=impl, inplace_backward=inplace_backward, process_group=process_group,
                             return_extras=return_extras)
@@ -170,7 +172,8 @@ def cross_entropy(input: Tensor, target, weight: Optional[Tensor] = None, ignore
         check_target_format(target_format)
         if impl not in IMPLS:
             raise ValueError(f"impl={impl!r} is not one of {', '.join(repr(i) for i in IMPLS)}")
-        return cdim, make_options(classes=input.shape[cdim], device=input.device, weight=weight,
+        classes = None if process_group is not None else input.shape[cdim]  # vocab-parallel: [C_r] or [C]
+        return cdim, make_options(classes=classes, device=input.device, weight=weight,
                                   ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
                                   z_loss=z_loss, softcap=softcap, num_items=num_items,
                                   inplace_backward=inplace_backward, return_extras=return_extras)
@@ -221,9 +224,15 @@ def _vocab_parallel(input, target, dim, target_format: str, checked, group):
     autocast_off, out_dtype = _autocast_off(input)
     with autocast_off:
         shard, tgt, red, shape3 = vocab_parallel_terms(input, target, cdim, target_format, opts, group, out_dtype)
-        loss, lse, z, pred = fused_cross_entropy(input, FusedCall(shard, tgt, opts, red, shape3, cdim,
+        watch = opts.inplace_backward and not torch.compiler.is_compiling()
+        version = input._version if watch else 0
+        loss, lse, z, pred = fused_cross_entropy(input, FusedCall(shard, tgt, shard.opts, red, shape3, cdim,
                                                                   torch.is_grad_enabled()))
-    return _finish(loss, lse, z, pred, torch.Size(input.shape[:cdim] + input.shape[cdim + 1:]), tgt, target, opts)
+        if watch and input._version != version:
+            mark_overwritten(input)  # a later crossent call on these "logits" raises, as on one device
+    agree_after(group, tgt, target, loss)  # a NaN probability on one rank: every rank raises
+    return _finish(loss, lse, z, pred, torch.Size(input.shape[:cdim] + input.shape[cdim + 1:]), tgt, target,
+                   opts, checked_after=True)
 
 
 def _guard_logits(input: Tensor, tgt: Target, opts: Options) -> None:
@@ -273,9 +282,10 @@ def _autocast_off(input: Tensor):
 
 
 def _finish(loss: Tensor, lse: Tensor, z: Optional[Tensor], pred: Optional[Tensor], pos_shape: torch.Size,
-            tgt: Target, target, opts: Options):
+            tgt: Target, target, opts: Options, checked_after: bool = False):
     """Deferred target checks, then the loss or ``(loss, extras)``."""
-    check_after(tgt, target, loss)
+    if not checked_after:
+        check_after(tgt, target, loss)
     if not opts.return_extras:
         return loss
     z = z.detach() if z is not None else torch.zeros_like(lse)
@@ -386,7 +396,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target, linear_bi
     if is_dtensor(linear_weight) or is_dtensor(input):
         input, linear_weight, linear_bias, process_group, wrap = dtensor_linear_args(input, linear_weight,
                                                                                    linear_bias)
-        loss = linear_cross_entropy(input, linear_weight, target, linear_bias, weight, ignore_index, reduction,
+        loss = linear_cross_entropy(input, linear_weight, target, linear_bias, local_weight(weight), ignore_index,
+                                    reduction,
                                     label_smoothing, shift=shift, target_format=target_format, z_loss=z_loss,
                                     softcap=softcap, num_items=num_items, impl=impl, chunk_size=chunk_size,
                                     process_group=process_group, return_extras=return_extras,
@@ -455,16 +466,17 @@ def _linear_vocab_parallel(input: Tensor, linear_weight: Tensor, target, linear_
         reduce_input_grad = check_flag(reduce_input_grad, "reduce_input_grad")
         if shift:
             _check_linear_target(input, target, None, shift)
-            if input.dim() < 2 or shift >= input.shape[-2]:
-                raise ValueError(f"shift={shift} needs input [..., T, H] with T > shift, got {_fmt(input.shape)}")
+            if input.dim() < 2:
+                raise ValueError(f"shift needs input [..., T, H] with a sequence dim, got {_fmt(input.shape)}")
     except (ValueError, TypeError) as e:
         refuse_vocab_parallel(group, e, input)
     x = copy_to_vocab_parallel(input, group) if reduce_input_grad else input
-    if shift:
-        x = x[..., :input.shape[-2] - shift, :]
+    if shift:  # shift >= T: no position, as on one device (mean: NaN, sum: 0)
+        x = x[..., :max(input.shape[-2] - shift, 0), :]
         target = _shifted_target(target, input.shape[:-1], shift)
     logits = torch.nn.functional.linear(x, linear_weight, linear_bias)
-    return cross_entropy(logits, target, dim=-1, process_group=group, **kw)
+    with hidden_states_fingerprint(data_fingerprint(input) if value_checks() else 0):
+        return cross_entropy(logits, target, dim=-1, process_group=group, **kw)
 
 
 def _linear_k_dim(input: Tensor, linear_weight: Tensor, target, linear_bias: Optional[Tensor], *, shift, **kw):

@@ -170,12 +170,16 @@ def check_num_items(value, reduction: str) -> Optional[Union[float, Tensor]]:
     return n
 
 
-def check_weight(weight: Optional[Tensor], classes: int, device: torch.device, name: str = "weight") -> None:
+def check_weight(weight: Optional[Tensor], classes: Optional[int], device: torch.device, name: str = "weight") -> None:
     if weight is None:
         return
     if not isinstance(weight, Tensor):
         raise TypeError(f"{name} must be a 1-D tensor of {classes} class weights, got {type(weight).__name__}")
-    if weight.dim() != 1 or weight.numel() != classes:
+    if classes is None:  # vocab-parallel: this rank's shard or the full weight, checked across the ranks
+        if weight.dim() != 1:
+            raise ValueError(f"{name} has shape {list(weight.shape)}: pass a 1-D tensor of class weights "
+                             "(this rank's shard of them, or all of them)")
+    elif weight.dim() != 1 or weight.numel() != classes:
         raise ValueError(f"{name} has shape {list(weight.shape)} but the input has {classes} classes: "
                          f"pass a 1-D tensor of length {classes}")
     if not weight.dtype.is_floating_point:
@@ -219,7 +223,7 @@ def check_shift(shift) -> int:
     return k
 
 
-def make_options(*, classes: int, device: torch.device, weight=None, ignore_index=-100, reduction="mean",
+def make_options(*, classes: Optional[int], device: torch.device, weight=None, ignore_index=-100, reduction="mean",
                  label_smoothing=0.0, z_loss=0.0, softcap=None, num_items=None, inplace_backward=False,
                  return_extras=False, chunk_size=None, filter_eps=None, ignore_index_none_ok=False) -> Options:
     """Validate everything a loss call was given and freeze it into :class:`Options`."""
