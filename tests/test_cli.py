@@ -156,6 +156,89 @@ def test_bench_bad_input_names_value_and_fix(args, says, capsys):
     assert says in err and ("e.g." in err or "use" in err)
 
 
+@pytest.fixture
+def no_measuring(monkeypatch):
+    """Every function of ``crossent bench`` that measures or writes, replaced by one that records its
+    call (and measures nothing): a bad output path must stop the command before any of them runs."""
+    calls = []
+    for name in ("sweep", "run_case", "_sweep_process", "_worker", "write_csv", "plot"):
+        monkeypatch.setattr(bench, name, lambda *a, _name=name, **k: calls.append(_name) or [])
+    return calls
+
+
+def _bad_path_cases(tmp_path):
+    folder, file = tmp_path / "a_folder", tmp_path / "a_file.csv"
+    folder.mkdir()
+    file.write_text("")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "bench_quick_cpu.png").mkdir()  # where --out-dir full would put the plot
+    return {
+        "csv is a folder": (["--csv", str(folder)], f"--csv {folder} is an existing folder"),
+        "out-dir is a file": (["--out-dir", str(file)], f"--out-dir {file} is an existing file"),
+        "png is a folder": (["--png", str(folder)], f"--png {folder} is an existing folder"),
+        "csv under a file": (["--csv", str(file / "sub" / "r.csv")], f"cannot be created: {file} is a file"),
+        "out-dir under a file": (["--out-dir", str(file / "res")], f"cannot be created: {file} is a file"),
+        "out-dir holds a folder named as the plot": (["--out-dir", str(tmp_path / "full")],
+                                                     f"its PNG {tmp_path / 'full' / 'bench_quick_cpu.png'} is an "
+                                                     "existing folder"),
+        "csv and png the same file": (["--csv", str(tmp_path / "r"), "--png", str(tmp_path / "r")],
+                                      "--csv and --png both name"),
+    }
+
+
+@pytest.mark.parametrize("case", ["csv is a folder", "out-dir is a file", "png is a folder", "csv under a file",
+                                  "out-dir under a file", "out-dir holds a folder named as the plot",
+                                  "csv and png the same file"])
+def test_bench_bad_output_path_stops_before_measuring(case, tmp_path, no_measuring, capsys):
+    args, says = _bad_path_cases(tmp_path)[case]
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--quick", *args])  # `crossent bench --quick ...`
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("crossent bench: error: ") and says in err
+    assert "; pass" in err or "; remove" in err  # ... and the fix
+    assert no_measuring == []  # nothing measured, nothing written
+
+
+def test_bench_unwritable_output_path_is_refused(tmp_path, monkeypatch, no_measuring, capsys):
+    # permissions cannot be tested by chmod as root: the folder is made unwritable to os.access instead
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = os.access
+    monkeypatch.setattr(bench.os, "access", lambda p, mode: os.path.abspath(p) != str(locked) and real(p, mode))
+    for args, says in ((["--csv", str(locked / "new" / "r.csv")], f"the folder {locked} is not writable"),
+                       (["--out-dir", str(locked)], f"--out-dir {locked} is not writable")):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["bench", "--quick", *args])
+        assert e.value.code == 2 and says in capsys.readouterr().err
+    assert no_measuring == []
+
+
+def test_bench_good_output_paths_still_measure(tmp_path, no_measuring):
+    # a folder that does not exist yet is fine (write_csv and plot make it), as before
+    out = tmp_path / "new" / "deeper"
+    cli.main(["bench", "--quick", "--out-dir", str(out)])
+    assert no_measuring == ["sweep", "write_csv", "plot"] and not out.exists()  # (write_csv is stubbed here)
+    no_measuring.clear()
+    cli.main(["bench", "--quick", "--csv", str(tmp_path / "a" / "r.csv"), "--png", str(tmp_path / "r.png")])
+    assert no_measuring == ["sweep", "write_csv", "plot"]
+
+
+def test_bench_cli_refuses_a_folder_as_csv_before_running(tmp_path):
+    # the real command in its own process (the report: IsADirectoryError after the whole benchmark; the
+    # default benchmark takes minutes, so the time limit below fails a run that measures first)
+    folder, file = tmp_path / "results", tmp_path / "x.csv"
+    folder.mkdir()
+    file.write_text("")
+    for args, says in ((["--csv", str(folder)], f"--csv {folder} is an existing folder, not a file"),
+                       (["--out-dir", str(file)], f"--out-dir {file} is an existing file, not a folder")):
+        proc = subprocess.run([sys.executable, "-m", "crossent", "bench", "--device", "cpu", *args],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert says in proc.stderr and "Traceback" not in proc.stderr
+    assert os.listdir(folder) == [] and file.read_text() == ""
+
+
 def test_skip_reasons_name_the_cause(monkeypatch):
     monkeypatch.setattr(bench, "_installed", lambda m: True)  # as if every peer were installed
     assert bench.skip_reason("cce_torch_compile", "index", "cpu").endswith("(--kinds linear)")

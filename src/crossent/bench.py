@@ -18,6 +18,7 @@ import gc
 import json
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -25,7 +26,7 @@ import sys
 import tempfile
 import textwrap
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -815,6 +816,40 @@ def _settings(ap: argparse.ArgumentParser, a: argparse.Namespace) -> argparse.Na
         ap.error(f"--device {a.device}: CUDA is not available here; use --device cpu")
     if not (a.device == "cpu" or a.device.startswith("cuda")):
         ap.error(f"--device {a.device!r}: use cpu, cuda or cuda:K")
+    _outputs(ap, a)
+    return a
+
+
+def _output_problem(path: str, ext: Optional[str]) -> Optional[Tuple[str, str]]:
+    """``(what is wrong, the fix)`` where ``path`` cannot be written as a file (``ext``: ``".csv"``,
+    ``".png"``) or made or used as a folder (``ext=None``); ``None`` if it can. Nothing is created."""
+    kind = "folder" if ext is None else "file"
+    if not path:
+        return "is empty", f"pass a {kind} path, e.g. bench{ext or '_results'}"
+    if ext and path.endswith(("/", os.sep)):
+        return "ends in a path separator, which names a folder", f"pass a file path, e.g. {path.rstrip('/')}{ext}"
+    if os.path.lexists(path):
+        if os.path.isdir(path) and ext:
+            return "is an existing folder, not a file", f"pass a file path, e.g. {os.path.join(path, 'bench' + ext)}"
+        if not os.path.isdir(path) and not ext:
+            return "is an existing file, not a folder", "pass a folder (new or existing)"
+        if not os.access(path, os.W_OK | (os.X_OK if ext is None else 0)):
+            return "is not writable", f"pass a {kind} you can write to, or change its permissions"
+        return None
+    top = os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(top):
+        top = os.path.dirname(top)
+    if not os.path.isdir(top):
+        return f"cannot be created: {top} is a file, not a folder", "pass a path under a folder"
+    if not os.access(top, os.W_OK | os.X_OK):
+        return f"cannot be created: the folder {top} is not writable", "pass a path under a folder you can write to"
+    return None
+
+
+def _outputs(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """Set ``a.csv`` and ``a.png`` (both in --out-dir when neither is given) and check every path the
+    run will write, before anything is measured: a usage error (exit status 2) naming the option, the
+    path, what is wrong and the fix."""
     if a.csv is None and a.png is None:
         out = a.out_dir or _default_out_dir()
         if a.quick:
@@ -823,7 +858,20 @@ def _settings(ap: argparse.ArgumentParser, a: argparse.Namespace) -> argparse.Na
             kinds = "-".join(k.replace(":", "_") for k in a.kind_list)
             stem = f"bench_{kinds}_{a.dtype}_{a.device.replace(':', '')}_N{a.N}"
         a.csv, a.png = os.path.join(out, stem + ".csv"), os.path.join(out, stem + ".png")
-    return a
+        opt = f"--out-dir {shlex.quote(out)}" + ("" if a.out_dir else " (the default)")
+        checks = [(opt, out, None, None)] + [
+            (f"{opt}: its {ext[1:].upper()} {shlex.quote(p)}", p, ext,
+             "remove it, or pass another --out-dir, or --csv/--png") for p, ext in ((a.csv, ".csv"), (a.png, ".png"))]
+    else:
+        checks = [(f"--{ext[1:]} {shlex.quote(p)}", p, ext, None)
+                  for p, ext in ((a.csv, ".csv"), (a.png, ".png")) if p is not None]
+    for where, path, ext, fix in checks:
+        problem = _output_problem(path, ext)
+        if problem:
+            ap.error(f"{where} {problem[0]}; {fix or problem[1]}")
+    if a.csv and a.png and os.path.abspath(a.csv) == os.path.abspath(a.png):
+        ap.error(f"--csv and --png both name {a.csv}: the plot would overwrite the CSV; pass two paths, "
+                 "e.g. --csv bench.csv --png bench.png")
 
 
 def _title(a: argparse.Namespace) -> str:
