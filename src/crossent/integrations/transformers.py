@@ -65,6 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..distributed import is_dtensor
 from ..functional import cross_entropy, linear_cross_entropy
 
 try:
@@ -97,9 +98,29 @@ def _float32_loss(x):
 
 
 def _num_items(num_items_in_batch, device):
-    if torch.is_tensor(num_items_in_batch):
-        return num_items_in_batch.to(device)
-    return num_items_in_batch
+    """``(num_items for crossent, finish)``. ``Trainer`` passes 0 for an accumulated batch whose labels
+    are all ignored; the stock loss is then ``0 / 0``: NaN, with zero gradients. crossent takes
+    counts > 0, so a 0 is replaced by 1 and ``finish`` turns the loss into ``sum / 0`` with the
+    gradient of ``0 * sum`` (zero), as the stock one (no host read for a tensor)."""
+    n = num_items_in_batch.to(device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch
+    if n is None:
+        return None, _same
+    if torch.is_tensor(n):
+        zero = n == 0
+        return torch.where(zero, torch.ones_like(n), n), lambda loss: torch.where(
+            zero, loss * 0 + loss.detach() / n.to(loss.dtype), loss)
+    if n == 0:
+        return 1, lambda loss: loss * 0 + _div0(loss.detach())
+    return n, _same
+
+
+def _same(loss):
+    return loss
+
+
+def _div0(x):
+    """``x / 0`` as PyTorch divides (NaN for 0, inf for a positive sum)."""
+    return x / torch.zeros((), dtype=x.dtype, device=x.device)
 
 
 def causal_lm_loss(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, shift_labels=None,
@@ -141,9 +162,9 @@ def causal_lm_loss(logits, labels, vocab_size, num_items_in_batch=None, ignore_i
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     logits = logits.reshape(-1, vocab_size)
     target = shift_labels.reshape(-1).to(logits.device)
+    num_items, finish = _num_items(num_items_in_batch, logits.device)
     with _float32_loss(logits):
-        return cross_entropy(logits, target, ignore_index=ignore_index,
-                             num_items=_num_items(num_items_in_batch, logits.device))
+        return finish(cross_entropy(logits, target, ignore_index=ignore_index, num_items=num_items))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -193,16 +214,36 @@ def _original_forward(model, state):
     return type(model).forward.__get__(model, type(model))
 
 
-def _make_forward(signature):
-    def forward(self, *args, **kwargs):
-        return _patched_forward(self, args, kwargs)
+def crossent_linear_forward(self, *args, **kwargs):
+    """crossent.integrations.transformers: in training mode with labels, the loss comes from
+    crossent.linear_cross_entropy and logits is None; otherwise the model's own forward."""
+    return _patched_forward(self, args, kwargs)
 
-    forward.__signature__ = signature  # generate() and Trainer read the forward's parameters
-    forward.__name__ = "forward"
-    forward.__qualname__ = "crossent_linear_forward"
-    forward.__doc__ = ("crossent.integrations.transformers: in training mode with labels, the loss comes from "
-                       "crossent.linear_cross_entropy and logits is None; otherwise the model's own forward.")
-    return forward
+
+class _LinearForward:
+    """``model.forward`` in linear mode. Shaped like a bound method (``__func__``, ``__self__``) for the
+    wrappers that rebind it (accelerate's mixed precision), with the stock forward's signature (which
+    ``generate()`` and ``Trainer`` read), and picklable: ``torch.save(model)`` stores the model and a
+    module-level function, and the loaded model trains the same way."""
+
+    __func__ = staticmethod(crossent_linear_forward)
+    __name__ = "forward"
+    __qualname__ = "crossent_linear_forward"
+    __doc__ = crossent_linear_forward.__doc__
+
+    def __init__(self, model):
+        self.__self__ = model
+
+    def __call__(self, *args, **kwargs):
+        return _patched_forward(self.__self__, args, kwargs)
+
+    @property
+    def __signature__(self):
+        sig = inspect.signature(type(self.__self__).forward)
+        return sig.replace(parameters=list(sig.parameters.values())[1:])
+
+    def __repr__(self):
+        return f"<crossent linear-mode forward of {_name(self.__self__)}>"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -247,26 +288,126 @@ def _check_causal_lm(model, mode):
                          "keep your loss and do not apply crossent")
 
 
-def _check_head(model, head):
+@dataclasses.dataclass
+class _Head:
+    """The output layer as crossent computes it: ``linear`` (a plain ``nn.Linear``, or one managed by
+    FSDP2) and any LoRA adapters on it, as ``(lora_A, lora_B, dropout, scaling)``."""
+
+    linear: nn.Module
+    loras: tuple = ()
+
+    @property
+    def through_module(self):
+        """Whether the loss must run inside ``linear``'s own forward, so that FSDP's hooks unshard its
+        weight (and reshard it, and reduce-scatter its gradient) as they do for the stock forward."""
+        return _is_fsdp_module(self.linear)
+
+
+def _is_fsdp_module(module):
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - older torch
+        return False
+    return isinstance(module, FSDPModule)
+
+
+def _plain_linear(module):
+    """``nn.Linear`` itself, or FSDP2's subclass of it (``FSDPLinear``): never another subclass (a
+    quantised layer), whose forward is not ``x W^T + b``."""
+    if type(module) is nn.Linear:
+        return True
+    if not _is_fsdp_module(module):
+        return False
+    from torch.distributed.fsdp import FSDPModule
+    return type(module).__bases__ == (FSDPModule, nn.Linear)
+
+
+def _known_hook(hook):
+    """Hooks crossent knows leave ``x W^T + b`` alone: FSDP2's (unshard / reshard) and torch tensor
+    parallel's (redistribute the input and output; crossent reads the DTensor weight instead)."""
+    owner = type(getattr(hook, "__self__", None))
+    if owner.__module__.startswith("torch.distributed.fsdp"):
+        return True
+    return "distribute_module" in getattr(hook, "__qualname__", "")
+
+
+def _tp_forward(module):
+    """Hugging Face's tensor-parallel forward installed on the instance (``TensorParallelLayer``)."""
+    fwd = module.__dict__.get("forward")
+    return fwd is not None and "TensorParallelLayer" in getattr(fwd, "__qualname__", "")
+
+
+def _peft_types():
+    """``(ModulesToSaveWrapper, LoraLayer)`` when PEFT is installed, else ``()``."""
+    try:
+        from peft.tuners.lora import LoraLayer
+        from peft.utils import ModulesToSaveWrapper
+    except ImportError:
+        return ()
+    return ModulesToSaveWrapper, LoraLayer
+
+
+def _resolve_head(model, head):
+    """The :class:`_Head` of ``head`` (PEFT's ``ModulesToSaveWrapper`` and LoRA ``Linear`` unwrapped), or a
+    ``ValueError`` naming what crossent cannot reproduce and the fix."""
     name = _name(model)
     if head is None:
         raise ValueError(f"{name}.get_output_embeddings() is None: it has no output layer crossent can fuse with "
                          "the loss (not a causal LM?). Fix: apply crossent only to causal language models")
-    if type(head) is not nn.Linear:
+    peft = _peft_types()
+    if peft and isinstance(head, peft[0]):  # modules_to_save: the active adapter's trained copy
+        active = [] if head.disable_adapters else list(head.active_adapters)
+        head = head.modules_to_save[active[0]] if active and active[0] in head.modules_to_save else \
+            head.original_module
+        return _resolve_head(model, head)
+    if peft and isinstance(head, peft[1]):
+        if type(head).__name__ != "Linear":
+            raise ValueError(f"{name}'s output layer is a PEFT LoRA {type(head).__qualname__} (quantised or "
+                             f"otherwise special): crossent reproduces LoRA on a plain nn.Linear only. Fix: "
+                             f"{_FIX_LOSS_FUNCTION}")
+        return _lora_head(model, head)
+    if not _plain_linear(head):
         raise ValueError(f"{name}'s output layer is a {type(head).__module__}.{type(head).__qualname__}, not a "
-                         "plain torch.nn.Linear (a LoRA/PEFT adapter, a quantised or otherwise wrapped layer): "
-                         "crossent would use only its base weight. Fix: leave the lm_head out of the adapter "
-                         f"(e.g. LoRA target_modules without lm_head), or {_FIX_LOSS_FUNCTION}")
-    hooked = (head._forward_hooks or head._forward_pre_hooks or getattr(head, "_hf_hook", None) is not None
-              or "forward" in head.__dict__)
-    if hooked:
-        raise ValueError(f"{name}'s output layer has forward hooks or a replaced forward (adapters, offloading, "
-                         "FSDP, device maps): crossent reads its weight directly and would bypass them. Fix: "
-                         f"remove them, or {_FIX_LOSS_FUNCTION}")
+                         "plain torch.nn.Linear (a quantised or otherwise wrapped layer): crossent would use only "
+                         f"its base weight. Fix: {_FIX_LOSS_FUNCTION}")
+    hooks = list(head._forward_hooks.values()) + list(head._forward_pre_hooks.values())
+    unknown = [h for h in hooks if not _known_hook(h)]
+    if unknown or getattr(head, "_hf_hook", None) is not None or ("forward" in head.__dict__ and not _tp_forward(head)):
+        raise ValueError(f"{name}'s output layer has forward hooks or a replaced forward crossent does not know "
+                         "(offloading, device maps, custom hooks; FSDP2 and tensor parallel are known): crossent "
+                         f"reads its weight directly and would bypass them. Fix: remove them, or {_FIX_LOSS_FUNCTION}")
     w = head.weight
-    if type(w) not in (torch.Tensor, nn.Parameter):
-        raise ValueError(f"{name}'s output weight is a {type(w).__name__} (sharded, e.g. FSDP or tensor "
-                         "parallel), not a plain tensor. Fix: " + _FIX_LOSS_FUNCTION)
+    if type(w) not in (torch.Tensor, nn.Parameter) and not is_dtensor(w):
+        raise ValueError(f"{name}'s output weight is a {type(w).__name__}, not a tensor or DTensor crossent can "
+                         f"read. Fix: {_FIX_LOSS_FUNCTION}")
+    return _Head(head)
+
+
+def _lora_head(model, layer):
+    """A LoRA ``Linear`` on the head: its logits are ``h W^T + b + s B(A(drop(h)))``, one linear
+    cross-entropy over ``[h, s A(drop(h))]`` and ``[W, B]`` (no ``[N, V]`` tensor)."""
+    name = _name(model)
+    base = _resolve_head(model, layer.base_layer)
+    if base.loras:
+        raise ValueError(f"{name}'s output layer stacks LoRA adapters on LoRA adapters. Fix: {_FIX_LOSS_FUNCTION}")
+    if layer.disable_adapters or layer.merged:  # the base layer alone computes the logits (merged: W holds them)
+        return base
+    loras = []
+    for a in layer.active_adapters:
+        if a not in layer.lora_A:
+            continue
+        if a in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(a, False):
+            raise ValueError(f"{name}'s output layer uses a LoRA variant (DoRA or another lora_variant) for adapter "
+                             f"{a!r}: crossent reproduces plain LoRA only. Fix: {_FIX_LOSS_FUNCTION}")
+        loras.append((layer.lora_A[a], layer.lora_B[a], layer.lora_dropout[a], layer.scaling[a]))
+    if loras and base.through_module:
+        raise ValueError(f"{name}'s output layer is FSDP-sharded under its LoRA adapters: crossent does not "
+                         f"reproduce that combination. Fix: {_FIX_LOSS_FUNCTION}")
+    return _Head(base.linear, tuple(loras))
+
+
+def _check_head(model, head):
+    _resolve_head(model, head)
 
 
 def _check_linear(model):
@@ -351,18 +492,57 @@ def _softcap(model):
 
 
 def _head_loss(model, hidden, labels, shift_labels, num_items_in_batch, ignore_index):
-    head = model.get_output_embeddings()
-    _check_head(model, head)
-    w, b = head.weight, head.bias
+    """The training loss from the decoder's last hidden states, without logits. An FSDP2-managed head
+    computes it inside its own forward (FSDP's hooks unshard the weight, and reshard it and
+    reduce-scatter its gradient afterwards); a tensor-parallel head's ``DTensor`` weight (sharded on the
+    vocabulary) runs the vocab-parallel linear loss."""
+    head = _resolve_head(model, model.get_output_embeddings())
+    target, shift = (shift_labels, False) if shift_labels is not None else (labels, True)
+
+    def loss_of(h):
+        return _fused_head_loss(model, head, h, target, shift, num_items_in_batch, ignore_index)
+
+    if not head.through_module:
+        return loss_of(hidden)
+    module = head.linear
+    module.forward = loss_of  # the module's own call, hooks and all, with the loss in place of the logits
+    try:
+        return module(hidden)
+    finally:
+        del module.forward
+
+
+def _fused_head_loss(model, head, hidden, target, shift, num_items_in_batch, ignore_index):
+    w, b = head.linear.weight, head.linear.bias
     if w.dim() != 2 or w.shape[1] != hidden.shape[-1]:
         raise ValueError(f"{_name(model)}'s output weight is {list(w.shape)} but the hidden states are "
-                         f"{list(hidden.shape)} (parameters not gathered? ZeRO-3 / FSDP shard them outside "
-                         f"the layer's forward). Fix: {_FIX_LOSS_FUNCTION}")
+                         f"{list(hidden.shape)} (parameters not gathered? ZeRO-3 shards them outside the layer's "
+                         f"forward). Fix: {_FIX_LOSS_FUNCTION}")
     hidden = hidden.to(w.device)
-    target, shift = (shift_labels, False) if shift_labels is not None else (labels, True)
+    if head.loras:
+        hidden, w, b = _with_loras(head.loras, hidden, w, b)
+    device = w.device if not is_dtensor(w) else hidden.device
+    num_items, finish = _num_items(num_items_in_batch, device)
     with _float32_loss(hidden):
-        return linear_cross_entropy(hidden, w, target.to(w.device), b, ignore_index=ignore_index, shift=shift,
-                                    softcap=_softcap(model), num_items=_num_items(num_items_in_batch, w.device))
+        loss = linear_cross_entropy(hidden, w, target.to(device), b, ignore_index=ignore_index, shift=shift,
+                                    softcap=_softcap(model), num_items=num_items)
+    if is_dtensor(loss):  # a tensor-parallel head: the stock forward's loss is a plain tensor too
+        loss = loss.to_local()
+    return finish(loss)
+
+
+def _with_loras(loras, hidden, w, b):
+    """``[h, u_1, ...]``, ``[W, B_1, ...]`` and ``b + sum s_i b_B_i`` with ``u_i = s_i A_i(drop_i(h))``:
+    the LoRA logits as one linear layer whose inputs are ``H + sum r_i`` wide."""
+    xs, ws = [hidden], [w]
+    for lora_a, lora_b, drop, scaling in loras:
+        u = lora_a(drop(hidden.to(lora_a.weight.dtype))) * scaling
+        xs.append(u.to(hidden.dtype))
+        ws.append(lora_b.weight.to(w.dtype))
+        if lora_b.bias is not None:
+            extra = (lora_b.bias * scaling).to(w.dtype)
+            b = extra if b is None else b + extra
+    return torch.cat(xs, -1), torch.cat(ws, 1), b
 
 
 def _bind(model, state, args, kwargs):
@@ -448,11 +628,20 @@ def _linear_output(model, state, named, extra, labels):
 # the apply-time check
 
 
+_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
+
+
+def _sharded(model):
+    return any(is_dtensor(p) for p in model.parameters()) or any(_is_fsdp_module(m) for m in model.modules())
+
+
 def _self_check(model, state):
-    """One eval-mode forward of 8 tokens, stock and crossent's linear path: same logits, same loss."""
+    """One eval-mode forward of 8 tokens, stock and crossent's linear path: same logits, same loss.
+    Skipped for a model whose parameters are sharded (FSDP2, tensor parallel): outside the model's
+    forward they are shards, which one forward on one rank cannot use; apply before sharding to have it."""
     head = model.get_output_embeddings()
-    w, b = head.weight, head.bias
-    if w.device.type == "meta":
+    w = _resolve_head(model, head).linear.weight
+    if w.device.type == "meta" or _sharded(model):
         return
     ids = ((torch.arange(8, device=w.device) * 7 + 3) % w.shape[0])[None]
     kw = {"input_ids": ids}
@@ -466,7 +655,7 @@ def _self_check(model, state):
             named = dict(kw)
             dec_out = model.base_model(**_decoder_kwargs(model, state, named, {}))
             hidden = dec_out.last_hidden_state if isinstance(dec_out, ModelOutput) else dec_out[0]
-            mine = F.linear(hidden.to(w.device), w, b).double()
+            mine = head(hidden.to(w.device)).double()  # the head's own forward (LoRA adapters included)
             cap = _softcap(model)
             if cap is not None:
                 mine = cap * torch.tanh(mine / cap)
@@ -477,7 +666,8 @@ def _self_check(model, state):
     finally:
         model.train(was_training)
     ref = stock.logits.double()
-    tol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(w.dtype, 3e-2)
+    # as precise as the coarser of the weight and the stock logits (Mamba casts float64 logits to float32)
+    tol = max(_TOLERANCE.get(w.dtype, 3e-2), _TOLERANCE.get(stock.logits.dtype, 3e-2))
     scale = max(1.0, ref.abs().max().item())
     if ref.shape != mine.shape or (ref - mine).abs().max().item() > tol * scale:
         diff = "shape " + str(list(ref.shape)) if ref.shape != mine.shape else \
@@ -570,12 +760,12 @@ def apply(model, mode="linear", *, check=True):
     install = new.function is None
     if install:
         new.previous_forward = model.__dict__.get("forward")
-        new.function = _make_forward(new.signature)
+        new.function = crossent_linear_forward
     if check:
         _self_check(model, new)  # before installing: a refusal leaves the model as it was
     model.__dict__[_STATE] = new
     if install:
-        model.forward = new.function.__get__(model, type(model))
+        model.forward = _LinearForward(model)
     return new
 
 
