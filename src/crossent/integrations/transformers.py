@@ -227,12 +227,11 @@ class _LinearForward:
     module-level function, and the loaded model trains the same way."""
 
     __func__ = staticmethod(crossent_linear_forward)
-    __name__ = "forward"
-    __qualname__ = "crossent_linear_forward"
-    __doc__ = crossent_linear_forward.__doc__
 
     def __init__(self, model):
         self.__self__ = model
+        self.__name__ = "forward"
+        self.__doc__ = crossent_linear_forward.__doc__
 
     def __call__(self, *args, **kwargs):
         return _patched_forward(self.__self__, args, kwargs)
