@@ -324,10 +324,11 @@ def _plain_linear(module):
 def _known_hook(hook):
     """Hooks crossent knows leave ``x W^T + b`` alone: FSDP2's (unshard / reshard) and torch tensor
     parallel's (redistribute the input and output; crossent reads the DTensor weight instead)."""
-    owner = type(getattr(hook, "__self__", None))
-    if owner.__module__.startswith("torch.distributed.fsdp"):
+    fn = getattr(hook, "func", hook)  # functools.partial (grouped fully_shard([norm, lm_head]) binds it so)
+    fn = getattr(fn, "__func__", fn)
+    if (getattr(fn, "__module__", None) or "").startswith("torch.distributed.fsdp"):
         return True
-    return "distribute_module" in getattr(hook, "__qualname__", "")
+    return "distribute_module" in (getattr(fn, "__qualname__", None) or "")
 
 
 def _tp_forward(module):
@@ -504,11 +505,15 @@ def _head_loss(model, hidden, labels, shift_labels, num_items_in_batch, ignore_i
     if not head.through_module:
         return loss_of(hidden)
     module = head.linear
+    before = module.__dict__.get("forward")
     module.forward = loss_of  # the module's own call, hooks and all, with the loss in place of the logits
     try:
         return module(hidden)
     finally:
-        del module.forward
+        if before is None:
+            del module.forward
+        else:
+            module.forward = before
 
 
 def _fused_head_loss(model, head, hidden, target, shift, num_items_in_batch, ignore_index):
