@@ -2,21 +2,24 @@
 contiguous shard of the vocabulary (ranks in order, shards possibly uneven); every rank gets the
 loss over the full vocabulary and the gradient of its own shard.
 
-Per call, while value checks are on, one all-gather of ``(classes, positions)`` per rank checks
-that the ranks agree (a mismatch raises on every rank, never hangs); with checks off the shard
-sizes are learned once per (group, shard size). The forward then needs two collectives of O(N)
+Every call starts with one all-gather of a few int64 numbers per rank: classes, positions, a refusal
+flag, a fingerprint of the options, and, while value checks are on, fingerprints of the targets and
+of the hidden states (linear) and the value of ``num_items``, plus the class weight's length. Ranks
+that disagree on any of them, or a rank that refused its arguments, make every rank raise (never a
+hang, never a different "global" loss per rank). The forward then needs two collectives of O(N)
 numbers, never O(N V):
 
-1. an all-gather of each shard's ``(lse, max logit, argmax)`` per position: the global
+1. an all-gather of each shard's ``(lse, max logit, argmax, refused)`` per position: the global
    log-sum-exp is their logsumexp, the predicted class the first maximum;
-2. one all-reduce of a packed ``[N, 3]`` tensor: each shard's loss contribution
+2. one all-reduce of a packed ``[N, 4]`` tensor: each shard's loss contribution
    ``T_r (lse - m_r) + sum_c t_c (m_r - x_c)`` (non-negative sums against the shard's max, so
-   nothing cancels or underflows), its target mass ``T_r`` and the class weight of the labels it
-   owns (the weighted-mean denominator).
+   nothing cancels or underflows), its target mass ``T_r``, the class weight of the labels it owns
+   (the weighted-mean denominator) and a flag for labels out of range.
 
-Label smoothing spreads over the full vocabulary, class weights are sharded with it, and the
-gradient ``scale * (T p - t)`` (plus z-loss) is formed in the forward from the global ``lse``:
-the backward needs no collective. It runs through the same autograd Function as the fused impls.
+Label smoothing spreads over the full vocabulary, class weights are this rank's shard (or the full
+weight, sliced here), and the gradient ``scale * (T p - t)`` (plus z-loss) is formed in the forward
+from the global ``lse``: the backward needs no collective. It runs through the same autograd
+Function as the fused impls.
 """
 
 from __future__ import annotations

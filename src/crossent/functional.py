@@ -103,19 +103,23 @@ def cross_entropy(input: Tensor, target, weight: Optional[Tensor] = None, ignore
         process_group (ProcessGroup, optional): vocab-parallel mode: the
             input's class dim holds this rank's contiguous shard of the
             vocabulary (ranks in order, shards may be uneven or empty), and
-            ``weight`` this rank's shard of the class weights. Every rank gets
-            the loss over the full vocabulary (label smoothing, weighted mean,
-            z-loss, extras all global) and the gradient of its shard; the
-            target is the full one (indices, one-hot, probabilities or a
-            SparseTarget; probabilities may also be this rank's shard). In the
-            forward, an exchange of four numbers per rank (ranks that disagree
-            on positions, options or dtype, or that refuse their arguments,
-            raise on every rank) and two collectives of O(N) numbers; none in
-            the backward, none when the group has one rank. It runs on torch ops for every
-            ``impl`` (not the fused kernels), without double backward. A
-            ``DTensor`` input sharded on the class dim is vocab-parallel with
-            no extra argument and gives a replicated DTensor loss.
-            Default: ``None``.
+            ``weight`` this rank's shard of the class weights or the full
+            ``(C,)`` weight (replicated, as ``loss_parallel`` takes it). Every
+            rank gets the loss over the full vocabulary (label smoothing,
+            weighted mean, z-loss, extras all global) and the gradient of its
+            shard; the target is the full one (indices, one-hot, probabilities
+            or a SparseTarget; probabilities may also be this rank's shard),
+            the same on every rank. In the forward, an exchange of eight
+            numbers per rank and two collectives of O(N) numbers; none in the
+            backward, none when the group has one rank. Ranks that disagree
+            on positions, options, dtype or (while value checks are on, by
+            fingerprint) targets, hidden states or ``num_items``, or that
+            refuse their arguments, raise on every rank. It runs on torch ops
+            for every ``impl`` (not the fused kernels), without double
+            backward. A ``DTensor`` input sharded on the class dim is
+            vocab-parallel with no extra argument and gives a replicated
+            DTensor loss. A group object whose ``size()`` is 1 needs no
+            ``init_process_group``. Default: ``None``.
         return_extras (bool, optional): also return a dict with per-position
             ``lse``, ``z_loss`` and ``predicted`` class (detached). Default: ``False``.
 
@@ -351,7 +355,12 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target, linear_bi
             :func:`crossent.cross_entropy` on them; the weight gradient needs no
             communication. A ``DTensor`` ``linear_weight`` sharded on dim 0 (an
             lm_head under ``ColwiseParallel``) is vocab-parallel with no extra
-            argument. Default: ``None``.
+            argument. The hidden states must be the same on every rank (checked
+            by fingerprint while value checks are on): an FSDP2 (``fully_shard``)
+            weight seen outside its module's forward is a shard over
+            data-parallel ranks, not the vocabulary, and raises on every rank;
+            compute the loss inside the module's forward (as
+            ``crossent.integrations.transformers.apply`` does). Default: ``None``.
         reduce_input_grad (bool, optional): with ``process_group``, sum the
             input's gradient over the ranks in the backward (one all-reduce);
             ``False`` when a Megatron-style layer already reduces it.

@@ -25,17 +25,47 @@ loss's device), the mean over the counted positions otherwise, Gemma's
 ``final_logit_softcapping``, a float32 loss for 16-bit models (a float64 model
 gets a float64 loss, where the stock one casts its logits to float32).
 
+Where models are trained, ``mode="linear"`` still builds no logits:
+
+- **FSDP2** (``fully_shard`` per layer, on the root only, or on the head
+  alone; before or after :func:`apply`; any ``MixedPrecisionPolicy``), also as
+  Hugging Face's ``DistributedConfig(fsdp_size=...)`` wraps it: a head that
+  FSDP manages on its own computes the loss inside its own forward (the head
+  module is called with the loss in place of the logits), so FSDP's hooks
+  unshard its weight, reshard it and reduce-scatter its gradient as usual.
+- **Tensor parallel** (torch's ``ColwiseParallel`` on the head, Hugging Face's
+  ``DistributedConfig(tp_size=...)``): the head's ``DTensor`` weight, sharded
+  on the vocabulary, runs the vocab-parallel linear loss; the logits are
+  never gathered.
+- **PEFT**: ``modules_to_save`` trains the active adapter's copy of the head;
+  LoRA on the head is one linear cross-entropy over ``[h, s A(drop(h))]`` and
+  ``[W, B]`` (``[N, H + r]`` and ``[V, H + r]``: no ``[N, V]`` tensor; the
+  concatenated weight and its float32 gradient cost one ``[V, H + r]`` each),
+  with gradients to ``A``, ``B`` (and the hidden states), ``W`` frozen. Pass
+  ``peft_model.get_base_model()``. DoRA and other LoRA variants are refused.
+- DeepSpeed ZeRO-3 is not supported nor tested (the project's tests run on
+  CPU machines without DeepSpeed): it gathers parameters in forward hooks on
+  every module, which crossent does not know, so :func:`apply` refuses such a
+  head with the hooks message; use ``mode="loss_function"`` there.
+
 ``mode="linear"`` refuses, with a ``ValueError`` naming the model, the reason
 and the fix, what it cannot reproduce: logit scaling (Cohere's
 ``logit_scale``, Granite's ``logits_scaling``), an output layer that is not a
-plain ``nn.Linear`` (a LoRA/PEFT adapter, a quantised layer, hooks such as
-offloading or FSDP), a forward that slices the head by ``pretraining_tp``, a
-router auxiliary loss (``output_router_logits``), models whose loss is not the
-causal-LM loss, and, at call time, ``logits_to_keep`` together with labels. It
-also checks itself once at apply time (``check=True``): one eval-mode forward
-of 8 tokens through the stock model and through crossent's path, compared
-logits and loss; any model whose forward changes the logits in a way crossent
-does not know is refused there.
+plain ``nn.Linear`` (a quantised layer) or has hooks crossent does not know
+(offloading, device maps; FSDP2's and tensor parallel's are known), a forward
+that slices the head by ``pretraining_tp``, a router auxiliary loss
+(``output_router_logits``), models whose loss is not the causal-LM loss, and,
+at call time, ``logits_to_keep`` together with labels. It also checks itself
+once at apply time (``check=True``): one eval-mode forward of 8 tokens through
+the stock model and through crossent's path, compared logits and loss (as
+precise as the coarser of the head's weight and the stock logits); any model
+whose forward changes the logits in a way crossent does not know is refused
+there. The check needs unsharded parameters, so it is skipped on a model that
+is sharded already (apply before sharding to have it).
+
+``num_items_in_batch=0`` (``Trainer``'s count for an accumulated batch whose
+labels are all ignored) gives the stock NaN loss and zero gradients. A
+patched model pickles (``torch.save(model)``) and trains the same once loaded.
 
 Example::
 
@@ -701,8 +731,9 @@ def apply(model, mode="linear", *, check=True):
     Args:
         model (PreTrainedModel): a causal LM (``...ForCausalLM``,
             ``GPT2LMHeadModel``, ...), before ``Trainer`` or ``accelerate``
-            wrap it. For a PEFT model, pass ``model.get_base_model()`` (the
-            adapters must leave the ``lm_head`` out in ``mode="linear"``).
+            wrap it, before or after FSDP2 / tensor parallel shard it. For a
+            PEFT model, pass ``model.get_base_model()`` (LoRA on the
+            ``lm_head`` and ``modules_to_save`` work in ``mode="linear"``).
         mode (str, optional): ``"linear"``: in training mode with labels, the
             model's forward runs the decoder and
             :func:`crossent.linear_cross_entropy` (no logits; the output's
@@ -714,8 +745,8 @@ def apply(model, mode="linear", *, check=True):
             forward of 8 tokens through the stock model and through crossent's
             path, and refuse the model if their logits or loss differ (a
             forward that transforms its logits in a way crossent does not
-            know). ``False`` skips it (e.g. for sharded parameters that a
-            single forward cannot reach). Default: ``True``.
+            know). ``False`` skips it; it is skipped on a model whose
+            parameters are sharded already. Default: ``True``.
 
     Returns:
         CrossentHandle: ``handle.remove()`` undoes it (as :func:`remove`).
