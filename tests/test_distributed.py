@@ -400,6 +400,58 @@ def _training_stack(rank: int, world: int):
         one = crossent.linear_cross_entropy(hh, Wt, lab, shift=shift, reduction=red)
         assert got.shape == one.shape and torch.allclose(got, one, equal_nan=True), (red, shift, got, one)
     got.sum().backward() if got.numel() else None
+    _hostile_round(rank, world, x, y, mine, lo, hi, C, g, mesh)
+
+
+def _hostile_round(rank, world, x, y, mine, lo, hi, C, g, mesh):
+    """What the hostile probe of issue 15 found (D1-D9), each as one device or PyTorch behaves."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    W = dist.group.WORLD
+    ref = torch.nn.functional.cross_entropy(x, y)
+    # D1: a float one-hot as wide as the shard, read as one-hot: the full vocabulary is expected (a clear
+    # error on every rank), never a shard's local indices read as global labels
+    oh = torch.nn.functional.one_hot(y, C).double()
+    with pytest.raises(ValueError):
+        crossent.cross_entropy(mine, oh[:, lo:hi], target_format="one_hot", process_group=W)
+    assert torch.allclose(crossent.cross_entropy(mine, oh, target_format="one_hot", process_group=W), ref)
+    # D2: targets that a plain checksum cannot tell apart (+2 at 0, -1 at 1 with weights 1, 2) still differ
+    yy = torch.tensor([1, 5, 2, 6, 0, 0]) if rank == 0 else torch.tensor([3, 4, 2, 6, 0, 0])
+    with pytest.raises(ValueError, match="different targets"):
+        crossent.cross_entropy(mine, yy, process_group=W)
+    # D4: probability shards of different dtypes: a clear error on every rank, not a collective mismatch
+    q = torch.softmax(torch.randn(6, C, generator=torch.Generator().manual_seed(9), dtype=torch.float64), 1)
+    qs = q[:, lo:hi] if rank == 0 else q[:, lo:hi].float()
+    with pytest.raises(ValueError, match="different options or dtypes"):
+        crossent.cross_entropy(mine.float(), qs, process_group=W)
+    # D5: an empty shard and full probabilities, the same on every rank: no false "different targets"
+    full = x if rank == 0 else x[:, :0]
+    got = crossent.cross_entropy(full, q, process_group=W)
+    assert torch.allclose(got, torch.nn.functional.cross_entropy(x, q), rtol=1e-12)
+    # D6: DTensor class weights (replicated or sharded), targets and num_items beside plain logits
+    w = torch.rand(C, generator=torch.Generator().manual_seed(3), dtype=torch.float64) + 0.1
+    wref = torch.nn.functional.cross_entropy(x, y, weight=w)
+    for wd in (distribute_tensor(w, mesh, [Replicate()]),):
+        assert torch.allclose(crossent.cross_entropy(mine, y, weight=wd, process_group=W), wref, rtol=1e-12)
+    yd = distribute_tensor(y, mesh, [Replicate()])
+    assert torch.allclose(crossent.cross_entropy(mine, yd, process_group=W), ref, rtol=1e-12)
+    # D8: full class weights whose values differ between ranks: every rank raises
+    with pytest.raises(ValueError, match="different class weights"):
+        crossent.cross_entropy(mine, y, weight=w * (1 + rank), process_group=W)
+    # D3: DTensor logits overwritten by inplace_backward are refused on their next use
+    xd = distribute_tensor(x.clone(), mesh, [Shard(1)]).requires_grad_(True) * 1.0
+    crossent.cross_entropy(xd, y, inplace_backward=True).backward()
+    with pytest.raises(RuntimeError, match="inplace_backward"):
+        crossent.cross_entropy(xd, y)
+    # D7: a NaN probability with inplace_backward refuses before writing: the logits keep their values
+    qn = q[:, lo:hi].clone()
+    if rank == 1:
+        qn[0, 0] = float("nan")
+    logits = (x * 1.0)[:, lo:hi].clone()
+    before = logits.clone()
+    with pytest.raises(ValueError):
+        crossent.cross_entropy(logits, qn, process_group=W, inplace_backward=True)
+    assert torch.equal(logits, before)
 
 
 def test_training_stack_ranks_disagreeing_raise_everywhere_and_match_one_device(tmp_path):
@@ -414,6 +466,23 @@ class _StandInGroup:
 
     def rank(self):
         return 0
+
+
+class _StandInPair(_StandInGroup):
+    def size(self):
+        return 2
+
+
+def test_a_larger_stand_in_group_without_init_says_init():
+    with pytest.raises(ValueError, match="init_process_group"):
+        crossent.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), process_group=_StandInPair())
+
+
+def test_overwritten_logits_marked_through_a_temporary_view_stay_refused():
+    logits = (torch.randn(6, 8, requires_grad=True) * 1.0)
+    crossent.cross_entropy(logits.view(6, 8), torch.arange(6), inplace_backward=True).backward()
+    with pytest.raises(RuntimeError, match="inplace_backward"):
+        crossent.cross_entropy(logits.view(6, 8), torch.arange(6))
 
 
 def test_a_one_rank_stand_in_group_without_init_is_one_device():

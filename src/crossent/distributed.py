@@ -24,8 +24,6 @@ Function as the fused impls.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import math
 import zlib
@@ -37,13 +35,13 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .config import value_checks
-from .impl.common import RowTerms, acc_dtype, host_reads_free
+from .impl.common import RowTerms, acc_dtype, host_reads_free, linear_chunk_rows
 from .options import Options
 from .reduction import Reduction, plan_reduction
 from .targets import (IndexTarget, ProbsTarget, SparseTarget, Target, _fmt, check_after, normalize_target,
                       promoted_dtype)
 
-__all__ = ["agree_after", "data_fingerprint", "hidden_states_fingerprint", "local_weight", "world_size", "shard_sizes", "vocab_parallel_terms", "copy_to_vocab_parallel", "is_dtensor",
+__all__ = ["agree_after", "agree_before", "data_fingerprint", "vocab_parallel_linear", "local_tensor", "world_size", "shard_sizes", "vocab_parallel_terms", "copy_to_vocab_parallel", "is_dtensor",
            "dtensor_logits", "dtensor_linear_args"]
 
 def world_size(group) -> int:
@@ -51,68 +49,82 @@ def world_size(group) -> int:
     Megatron's) is asked directly; otherwise torch.distributed must be initialised."""
     if not dist.is_available() or not dist.is_initialized():
         size = getattr(group, "size", None)
-        if callable(size):
-            return int(size())
+        if callable(size) and int(size()) == 1:
+            return 1
         raise ValueError("process_group was given but torch.distributed is not initialised: call "
                          "torch.distributed.init_process_group first (or leave process_group=None)")
     return dist.get_world_size(group)
 
 
-def _fingerprint(opts: Optional[Options], dtype) -> int:
-    """A number every rank must agree on: the options that change the loss, and the logits' dtype."""
+def _fingerprint(opts: Optional[Options], dtype, target_dtype=None) -> int:
+    """A number every rank must agree on: the options that change the loss, the logits' and the
+    target's dtypes (which set the collectives' dtype) and the value-check setting."""
     if opts is None:
         return 0
     key = (opts.ignore_index, opts.reduction, opts.label_smoothing, opts.z_loss, opts.softcap,
-           opts.weight is not None, opts.num_items is not None, opts.return_extras, str(dtype), value_checks())
+           opts.weight is not None, opts.num_items is not None, opts.return_extras, str(dtype), str(target_dtype),
+           opts.inplace_backward, value_checks())
     return zlib.crc32(repr(key).encode())
 
 
+_MIX = [c - (1 << 64) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)]
+
+
 def data_fingerprint(*tensors) -> int:
-    """An int64 every rank must agree on when it holds the same tensors (``None`` skipped): an
-    integer sum of their bits, weighted by position. Integer sums are exact and order-free, so the
-    number is the same on every rank and thread count; one read of the data, in chunks."""
-    total = 0
-    for t in tensors:
+    """An int64 every rank must agree on when it holds the same tensors (``None`` skipped): each
+    element's bits and position through splitmix64's mixer, summed. Integer sums are exact and
+    order-free, so equal tensors give equal numbers on every rank and thread count; tensors that
+    differ anywhere (a swap, or changes that a plain checksum would cancel) collide with probability
+    about 2^-64. One read of the data in chunks, one host read at the end."""
+    total = None
+    for k, t in enumerate(tensors):
         if t is None:
             continue
         flat = t.detach().reshape(-1)
         if flat.dtype.is_floating_point:
             flat = flat.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[flat.element_size()])
+        acc = torch.zeros((), dtype=torch.int64, device=flat.device)
         step = 1 << 20
         for i in range(0, flat.numel(), step):
-            part = flat[i:i + step].to(torch.int64)
-            pos = torch.arange(i, i + part.numel(), device=part.device) % 8191 + 1
-            total = (total * 31 + int((part * pos).sum())) % (1 << 61)
-        total = (total * 31 + flat.numel()) % (1 << 61)
-    return total
+            v = flat[i:i + step].to(torch.int64, copy=True)  # a copy: the mixing below works in place
+            v.add_(torch.arange(i, i + v.numel(), device=v.device).mul_(_MIX[0]))
+            for shift, mult in ((30, _MIX[1]), (27, _MIX[2])):
+                v.bitwise_xor_(v >> shift).mul_(mult)
+            acc += v.bitwise_xor_(v >> 31).sum()
+        acc = acc * 31 + (flat.numel() + k)
+        total = acc if total is None else total * _MIX[0] + acc
+    return 0 if total is None else int(total)
 
 
-_HIDDEN_FINGERPRINT = contextvars.ContextVar("crossent_hidden_fingerprint", default=0)
+@dataclass(frozen=True)
+class _Data:
+    """What a call's data says, for the exchange (all 0 / -1 while value checks are off, but the
+    lengths): fingerprints of the targets, hidden states and class weights, the value of
+    ``num_items``, the class weight's length and a float target's class width."""
+
+    target: int = 0
+    hidden: int = 0
+    num_items: int = 0
+    weight_len: int = -1
+    target_width: int = -1
+    weight: int = 0
 
 
-@contextlib.contextmanager
-def hidden_states_fingerprint(fp: int):
-    """Vocab-parallel linear CE: the replicated hidden states' fingerprint travels with the exchange of
-    the cross-entropy it runs on the shard's logits."""
-    token = _HIDDEN_FINGERPRINT.set(fp)
-    try:
-        yield
-    finally:
-        _HIDDEN_FINGERPRINT.reset(token)
-
-
-def _call_fingerprints(input: Tensor, target, cdim: int, opts: Options):
-    """``(targets, hidden states, num_items)`` numbers every rank must agree on. A float target with
-    this shard's class count may be this rank's shard of the probabilities: not compared."""
+def _call_data(like, target, cdim: int, target_format: str, opts: Options, hidden_fp: int = 0) -> _Data:
+    """This rank's :class:`_Data`. A float target as wide as this shard may be its shard of the
+    probabilities (decided after the exchange, which tells the global class count)."""
+    width = -1
+    if isinstance(target, Tensor) and target.dtype.is_floating_point and target.dim() == len(like.shape) \
+            and target_format in ("auto", "probs"):
+        width = target.shape[cdim]
+    w_len = -1 if opts.weight is None else opts.weight.numel()
+    if not value_checks():
+        return _Data(weight_len=w_len, target_width=width)
     if isinstance(target, SparseTarget):
         tfp = data_fingerprint(target.indices, target.values)
-    elif isinstance(target, Tensor):
-        shard = target.dtype.is_floating_point and target.dim() == input.dim() and \
-            target.shape[cdim] == input.shape[cdim]
-        tfp = 0 if shard else data_fingerprint(target)
     else:
-        tfp = 0
-    return tfp, _HIDDEN_FINGERPRINT.get(), _num_items_bits(opts.num_items)
+        tfp = data_fingerprint(target) if isinstance(target, Tensor) else 0
+    return _Data(tfp, hidden_fp, _num_items_bits(opts.num_items), w_len, width, data_fingerprint(opts.weight))
 
 
 def _num_items_bits(num_items) -> int:
@@ -130,6 +142,21 @@ def _exchange_device(group, input) -> torch.device:
         else torch.device("cpu")
 
 
+def agree_before(group, check) -> None:
+    """Run ``check`` on every rank and raise on every rank if any refused (one all-gather of a flag)."""
+    error = None
+    try:
+        check()
+    except (ValueError, TypeError) as e:
+        error = e
+    mine = torch.tensor([int(error is not None)], dtype=torch.int64)
+    if dist.get_backend(group) == "nccl":
+        mine = mine.cuda()
+    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(everyone, mine, group=group)
+    _raise_if_refused(error, torch.cat(everyone).cpu() > 0, "its target")
+
+
 def refuse_vocab_parallel(group, error: BaseException, input) -> None:
     """This rank refuses its arguments: take part in the exchange the others are in, then raise."""
     shard_sizes(group, -1, -1, _exchange_device(group, input), error=error)
@@ -137,41 +164,49 @@ def refuse_vocab_parallel(group, error: BaseException, input) -> None:
 
 
 def shard_sizes(group, classes: int, positions: int, device: torch.device, error: Optional[BaseException] = None,
-                opts: Optional[Options] = None, dtype=None, data=(0, 0, 0), weight_len: int = -1) -> Tensor:
+                opts: Optional[Options] = None, dtype=None, data: _Data = _Data(), target_dtype=None):
     """``(classes, targets differ)``: every rank's number of classes (``[world]`` int64 on the host),
     and whether the targets' fingerprints differ (raised after the target checks, so that a rank's
     own refusal of its target is what every rank reports), from one all-gather of
-    ``(classes, positions, refused, options, targets, hidden states, num_items, weight length)``
-    per rank at every call (a few numbers; a cache could go stale between heads of different
-    sizes). ``data`` holds the fingerprints of the targets and hidden states and the value of
-    ``num_items`` (zeros while value checks are off). Ranks that disagree on any of them, or a rank
-    that refused its arguments, make every rank raise instead of leaving the others waiting or
-    returning different "global" losses."""
-    mine = torch.tensor([classes, positions, int(error is not None), _fingerprint(opts, dtype), *data, weight_len],
-                        dtype=torch.int64, device=device)
+    ``(classes, positions, refused, options, *data)`` per rank at every call (a few numbers; a cache
+    could go stale between heads of different sizes). Ranks that disagree on the positions, the
+    options or dtypes, the hidden states, ``num_items`` or the full class weights, or a rank that
+    refused its arguments, make every rank raise instead of leaving the others waiting or returning
+    different "global" losses."""
+    mine = torch.tensor([classes, positions, int(error is not None), _fingerprint(opts, dtype, target_dtype),
+                         *dataclasses.astuple(data)], dtype=torch.int64, device=device)
     everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(everyone, mine, group=group)
     table = torch.stack(everyone).cpu()
     _raise_if_refused(error, table[:, 2], "its arguments")
-    _check_weight_lengths(table[:, 0], table[:, 7])
+    sizes, C = table[:, 0], int(table[:, 0].sum())
+    _check_weight_lengths(sizes, table[:, 7])
     if bool((table[:, 1] != table[0, 1]).any()):
         raise ValueError(f"vocab-parallel cross_entropy: the ranks hold different numbers of positions "
                          f"{table[:, 1].tolist()} (rank r has row r): every rank must pass the same positions "
                          "(the full batch) with its own shard of the classes")
     if bool((table[:, 3] != table[0, 3]).any()):
-        raise ValueError("vocab-parallel cross_entropy: the ranks were called with different options or logits "
-                         "dtypes (label_smoothing, z_loss, softcap, ignore_index, reduction, weight, num_items, "
-                         "return_extras, dtype, value checks must agree): pass the same ones on every rank")
+        raise ValueError("vocab-parallel cross_entropy: the ranks were called with different options or dtypes "
+                         "(label_smoothing, z_loss, softcap, ignore_index, reduction, weight, num_items, "
+                         "return_extras, the logits' and the target's dtypes, value checks must agree): pass the "
+                         "same ones on every rank")
     for col, what in ((5, "hidden states"), (6, "num_items")):
         if bool((table[:, col] != table[0, col]).any()):
             raise _differ(what)
-    return table[:, 0], bool((table[:, 4] != table[0, 4]).any())
+    full_w = table[:, 7] == C
+    if bool(full_w.any()) and bool((table[full_w, 9] != table[full_w, 9][0]).any()):
+        raise _differ("class weights")
+    # compare the targets of the ranks that hold all of them (not a shard of the probabilities)
+    full_t = (table[:, 8] != sizes) | (sizes == C)
+    differ = bool(full_t.any()) and bool((table[full_t, 4] != table[full_t, 4][0]).any())
+    return sizes, differ
 
 
 def _differ(what: str) -> ValueError:
+    hint = f" {_FSDP_HINT}" if what == "hidden states" else ""
     return ValueError(f"vocab-parallel cross_entropy: the ranks hold different {what} (compared by fingerprint "
                       f"while value checks are on): vocab-parallel ranks split the classes of one batch, so every "
-                      f"rank must pass the same {what}. {_FSDP_HINT}")
+                      f"rank must pass the same {what}.{hint}")
 
 
 _FSDP_HINT = ("If the weight is sharded by FSDP (fully_shard) over data-parallel ranks, each with its own "
@@ -199,17 +234,8 @@ def agree_after(group, tgt, target, loss: Tensor) -> None:
     """The deferred target check (a NaN loss with probability targets: a NaN target?), agreed by every
     rank: the loss is the same on all of them, so all take this branch; a NaN in one rank's shard of
     the probabilities raises on every rank."""
-    if not (value_checks() and isinstance(tgt, ProbsTarget) and bool(torch.isnan(loss.detach()).any())):
-        return
-    error = None
-    try:
-        check_after(tgt, target, loss)
-    except (ValueError, TypeError) as e:
-        error = e
-    mine = torch.tensor([int(error is not None)], dtype=torch.int64, device=loss.device)
-    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(everyone, mine, group=group)
-    _raise_if_refused(error, torch.cat(everyone).cpu() > 0, "its target")
+    if value_checks() and isinstance(tgt, ProbsTarget) and bool(torch.isnan(loss.detach()).any()):
+        agree_before(group, lambda: check_after(tgt, target, loss))
 
 
 def _raise_if_refused(error: Optional[BaseException], refused: Tensor, what: str) -> None:
@@ -241,34 +267,48 @@ class _Shard:
         if grad3 is None:
             return self.terms
         P, Cr, Q = x3.shape
-        lt = self.targets
-        on = lt.valid if lt.valid is not None else torch.ones_like(self.lse, dtype=torch.bool)
-        g = torch.where(on, red.ce_scale, 0.0)  # [M]; ignored rows 0 (a NaN scale reaches counted rows only)
-        coef = self.mass * g
-        if opts.z_loss:
-            coef = coef + torch.where(on, 2 * opts.z_loss * red.z_scale, 0.0) * self.lse
+        g, zc = _row_scales(self.targets, self.lse, opts, red, 1.0)
         # softmax over the full vocabulary, straight into the gradient buffer when it is a plain view
         dst = grad3[:, :, 0] if Q == 1 else None
         direct = dst is not None and dst.dtype == self.xs.dtype and dst.is_contiguous()
-        p = torch.sub(self.xs, self.lse.unsqueeze(1), out=dst if direct else None).exp_()
-        p.mul_(coef.unsqueeze(1))
-        if lt.t is not None:
-            p.sub_(g.unsqueeze(1) * lt.t)
-        else:
-            if lt.cols is not None:
-                p.scatter_add_(1, lt.cols, -g.unsqueeze(1) * lt.vals)
-            if lt.smooth is not None:
-                p.addr_(g * lt.rows_on, lt.smooth, alpha=-1)
-        if self.th is not None:
-            p.mul_(1 - self.th.square())
-        # a row whose global lse is not finite (+inf or NaN anywhere, or all -inf) has a NaN softmax on
-        # every rank, as in one process: no rank keeps a finite gradient for it
-        bad_rows = ~torch.isfinite(self.lse)
-        if not host_reads_free(bad_rows) or bool(bad_rows.any()):  # a pass over p only when needed (CPU)
-            p.masked_fill_(bad_rows.unsqueeze(1), float("nan"))
+        p = _shard_grad(self.xs, self.lse, self.mass, self.targets, self.th, g, zc, dst if direct else None)
         if not direct:
             grad3.copy_(p.reshape(P, Q, Cr).transpose(1, 2))
         return self.terms
+
+
+def _row_scales(lt: "_LocalTargets", lse: Tensor, opts: Options, red: Reduction, upstream) -> Tuple[Tensor, Tensor]:
+    """``(g, zc)`` per row: the CE gradient's scale (0 on ignored rows; a NaN scale reaches counted rows
+    only) and the z-loss coefficient ``2 z z_scale lse``, times the upstream gradient (a number, or
+    one per row for ``reduction="none"``)."""
+    on = lt.valid if lt.valid is not None else torch.ones_like(lse, dtype=torch.bool)
+    g = torch.where(on, red.ce_scale * upstream, 0.0)
+    zc = torch.where(on, 2 * opts.z_loss * red.z_scale * upstream, 0.0) * lse if opts.z_loss else \
+        torch.zeros_like(lse)
+    return g, zc
+
+
+def _shard_grad(xs: Tensor, lse: Tensor, mass: Tensor, lt: "_LocalTargets", th: Optional[Tensor], g: Tensor,
+                zc: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """The gradient of this shard's logits ``[m, C_r]`` (rows ``xs`` after softcap), from the global
+    ``lse``: ``g (T p - t) + zc p``, times ``1 - tanh^2`` under softcap. Written into ``out`` (which
+    may be ``xs``) when given. A row whose global lse is not finite (+inf or NaN anywhere, or all
+    -inf) gets NaN on every rank, as in one process."""
+    p = torch.sub(xs, lse.unsqueeze(1), out=out).exp_() if out is not None else (xs - lse.unsqueeze(1)).exp_()
+    p.mul_((mass * g + zc).unsqueeze(1))
+    if lt.t is not None:
+        p.sub_(g.unsqueeze(1) * lt.t)
+    else:
+        if lt.cols is not None:
+            p.scatter_add_(1, lt.cols, -g.unsqueeze(1) * lt.vals)
+        if lt.smooth is not None:
+            p.addr_(g * lt.rows_on, lt.smooth, alpha=-1)
+    if th is not None:
+        p.mul_(1 - th.square())
+    bad_rows = ~torch.isfinite(lse)
+    if not host_reads_free(bad_rows) or bool(bad_rows.any()):  # a pass over p only when needed (CPU)
+        p.masked_fill_(bad_rows.unsqueeze(1), float("nan"))
+    return p
 
 
 @dataclass
@@ -284,6 +324,12 @@ class _LocalTargets:
     owned_w: Tensor  # [M] class weight of the labels this shard owns (index targets)
     valid: Optional[Tensor]  # [M] bool, index targets
     bad: Tensor  # [M] bool: a label out of the global range
+
+    def rows(self, r0: int, r1: int) -> "_LocalTargets":
+        """The targets of rows ``r0:r1`` (a chunk of the linear loss)."""
+        cut = [None if t is None else t[r0:r1] for t in (self.t, self.cols, self.vals)]
+        return _LocalTargets(*cut, self.smooth, self.rows_on[r0:r1], self.owned_w[r0:r1],
+                             None if self.valid is None else self.valid[r0:r1], self.bad[r0:r1])
 
     def mass_and_sums(self, xs: Tensor, m_r: Tensor) -> Tuple[Tensor, Tensor]:
         """``(T_r, sum_c t_c (m_r - x_c))`` per row against a reference ``m_r`` (the shard's max: terms
@@ -316,6 +362,9 @@ def _local_targets(tgt: Target, opts: Options, w: Optional[Tensor], offset: int,
                    acc: torch.dtype, device: torch.device) -> _LocalTargets:
     ls = opts.label_smoothing
     zeros = torch.zeros(M, dtype=acc, device=device)
+    if tgt is None:  # this rank refused its target: placeholders until the refusal travels (_combine raises)
+        return _LocalTargets(None, None, None, None, zeros + 1, zeros, None, torch.zeros(M, dtype=torch.bool,
+                                                                                         device=device))
     if isinstance(tgt, ProbsTarget):
         q = _rows(tgt.probs, acc)
         t = q[:, offset:offset + Cr] if q.shape[1] == C else q
@@ -351,85 +400,219 @@ def _local_targets(tgt: Target, opts: Options, w: Optional[Tensor], offset: int,
     return _LocalTargets(None, cols, vals, smooth, rows_on, owned_w, valid, bad)
 
 
+@dataclass
+class _Agreed:
+    """What the exchange settled for one call: the shard sizes and offset, the options with this rank's
+    class weights, the typed target (or this rank's refusal of it) and the dtypes."""
+
+    sizes: Tensor
+    offset: int
+    C: int
+    opts: Options
+    w: Optional[Tensor]
+    tgt: Optional[Target]
+    error: Optional[BaseException]
+    targets_differ: bool
+    acc: torch.dtype
+    out_dtype: torch.dtype
+
+
+def _agree(like: "_LikeLogits", cdim: int, target, target_format: str, opts: Options, group, out_dtype,
+           dtype: torch.dtype, hidden_fp: int = 0) -> _Agreed:
+    """The exchange, then the target checked against the global vocabulary (a refusal travels with the
+    next collective) and the class weights cut to this rank's shard."""
+    Cr, M = like.shape[cdim], math.prod(like.shape[:cdim] + like.shape[cdim + 1:])
+    data = _call_data(like, target, cdim, target_format, opts, hidden_fp)
+    tdtype = target.values.dtype if isinstance(target, SparseTarget) else getattr(target, "dtype", None)
+    sizes, targets_differ = shard_sizes(group, Cr, M, like.device, opts=opts, dtype=dtype, data=data,
+                                        target_dtype=tdtype)
+    rank = dist.get_rank(group)
+    offset, C = int(sizes[:rank].sum()), int(sizes.sum())
+    acc = acc_dtype(dtype)
+    if opts.weight is not None and opts.weight.numel() == C and C != Cr:  # the full weight: this rank's shard
+        opts = dataclasses.replace(opts, weight=opts.weight[offset:offset + Cr])
+    error = tgt = None
+    try:
+        tgt = normalize_target(target, _target_shape(like, data.target_width, cdim, C), cdim, target_format,
+                               opts.ignore_index)
+    except (ValueError, TypeError) as e:
+        error = e
+    if tgt is not None:  # PyTorch's promotion with soft targets (float32 logits, float64 probabilities)
+        promoted = promoted_dtype(dtype, tgt)
+        acc = acc_dtype(promoted)
+        out_dtype = promoted if out_dtype == dtype else out_dtype
+    return _Agreed(sizes, offset, C, opts, opts.class_weight(acc), tgt, error, targets_differ, acc, out_dtype)
+
+
+@dataclass
+class _Stats:
+    """Per-row statistics of this shard, against its own max ``ref``: O(M) numbers."""
+
+    ref: Tensor
+    lse: Tensor
+    raw_max: Tensor
+    raw_arg: Tensor
+    mass: Tensor  # T_r
+    sums: Tensor  # sum_c t_c (ref - x_c)
+
+    @staticmethod
+    def of(x: Tensor, xs: Tensor, lt: "_LocalTargets") -> "_Stats":
+        """``x`` the rows' logits, ``xs`` after softcap (``[m, C_r]``)."""
+        m, Cr = x.shape
+        if Cr:
+            m_r = torch.amax(xs, 1)
+            raw_max, raw_arg = torch.max(x, 1)
+        else:
+            m_r = raw_max = torch.full((m,), float("-inf"), dtype=x.dtype, device=x.device)
+            raw_arg = torch.zeros(m, dtype=torch.long, device=x.device)
+        # the shard's max, 0 for a shard of -inf (a label there gives +inf, not -inf - -inf)
+        ref = torch.where(torch.isfinite(m_r), m_r, torch.zeros_like(m_r))
+        lse = torch.where(torch.isinf(m_r), m_r, ref + torch.log((xs - ref.unsqueeze(1)).exp().sum(1)))
+        T, d = lt.mass_and_sums(xs, ref) if Cr else (torch.zeros_like(m_r), torch.zeros_like(m_r))
+        return _Stats(ref, lse, raw_max, raw_arg, T, d)
+
+    @staticmethod
+    def cat(parts) -> "_Stats":
+        return _Stats(*[torch.cat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(_Stats)])
+
+
+def _combine(a: _Agreed, st: _Stats, lt: "_LocalTargets", group, pos_shape: torch.Size, dev):
+    """The two O(N) collectives: ``(RowTerms, Reduction, global lse, global target mass)``."""
+    M = st.lse.numel()
+    stats = torch.stack([st.lse.double(), st.raw_max.double(), (st.raw_arg + a.offset).double(),
+                         torch.full_like(st.lse, float(a.error is not None), dtype=torch.float64)])
+    gathered = [torch.empty_like(stats) for _ in range(len(a.sizes))]
+    dist.all_gather(gathered, stats, group=group)
+    g = torch.stack(gathered)  # [W, 4, M]
+    _raise_if_refused(a.error, g[:, 3, 0] > 0 if M else torch.zeros(len(a.sizes), dtype=torch.bool), "its target")
+    if a.targets_differ:
+        raise _differ("targets")
+    lse = torch.logsumexp(g[:, 0], 0).to(a.acc)
+    maxes = torch.where((a.sizes.to(dev) > 0).unsqueeze(1), g[:, 1], torch.full_like(g[:, 1], float("-inf")))
+    pred = g[:, 2].gather(0, torch.argmax(maxes, 0, keepdim=True)).squeeze(0).long()
+    part = torch.where(st.mass == 0, torch.zeros_like(st.mass), st.mass * (lse - st.ref)) + st.sums
+    packed = torch.stack([part, st.mass, lt.owned_w, lt.bad.to(a.acc)], 1)  # a bad label anywhere: NaN everywhere
+    dist.all_reduce(packed, group=group)
+    ce = packed[:, 0].masked_fill(packed[:, 3] > 0, float("nan"))
+    if lt.valid is not None:
+        ce = torch.where(lt.valid, ce, torch.zeros_like(ce))
+    z = None
+    if a.opts.z_loss:
+        z = a.opts.z_loss * lse.square()
+        z = torch.where(lt.valid, z, torch.zeros_like(z)) if lt.valid is not None else z
+    weighted = a.w is not None and isinstance(a.tgt, IndexTarget)
+    red = plan_reduction(a.tgt, a.opts, a.acc, dev, pos_shape, a.out_dtype,
+                         weight_sum=packed[:, 2].sum() if weighted else None)
+    return RowTerms(ce, z, lse, pred if a.opts.return_extras else None), red, lse, packed[:, 1]
+
+
+def _softcapped(x: Tensor, opts: Options):
+    """``(th, xs)``: ``tanh(x / s)`` and the capped logits ``s * th`` (``None`` and ``x`` without softcap)."""
+    if opts.softcap is None:
+        return None, x
+    th = torch.tanh(x / opts.softcap)
+    return th, opts.softcap * th
+
+
 def vocab_parallel_terms(input: Tensor, target, cdim: int, target_format: str, opts: Options, group,
                          out_dtype: torch.dtype):
     """``(_Shard, typed target, Reduction, shape3)`` of a vocab-parallel cross-entropy: the collectives
     and the per-position terms (no autograd); the caller runs the gradient through the fused Function."""
     P, Cr = math.prod(input.shape[:cdim]), input.shape[cdim]
     Q = math.prod(input.shape[cdim + 1:])
-    M, dev, acc = P * Q, input.device, acc_dtype(input.dtype)
-    data = _call_fingerprints(input, target, cdim, opts) if value_checks() else (0, 0, 0)
-    sizes, targets_differ = shard_sizes(group, Cr, M, dev, opts=opts, dtype=input.dtype, data=data,
-                                        weight_len=-1 if opts.weight is None else opts.weight.numel())
-    rank = dist.get_rank(group)
-    offset, C = int(sizes[:rank].sum()), int(sizes.sum())
-    w = opts.class_weight(acc)
-    if w is not None and w.numel() == C and C != Cr:  # the full weight, replicated: this rank's shard
-        w = w[offset:offset + Cr]
-        opts = dataclasses.replace(opts, weight=opts.weight[offset:offset + Cr])
-    error = None
-    try:  # checked against the global vocabulary; a refusal travels with the next collective
-        tgt = normalize_target(target, _target_shape(input, target, cdim, C), cdim, target_format,
-                               opts.ignore_index)
-    except (ValueError, TypeError) as e:
-        error, tgt = e, None
-    if tgt is not None:  # PyTorch's promotion with soft targets (float32 logits, float64 probabilities)
-        dtype = promoted_dtype(input.dtype, tgt)
-        acc = acc_dtype(dtype)
-        out_dtype = dtype if out_dtype == input.dtype else out_dtype
-
-    x = _rows(input.reshape(P, Cr, Q).detach(), acc)
-    th = torch.tanh(x / opts.softcap) if opts.softcap is not None else None
-    xs = opts.softcap * th if th is not None else x
-    # 1. per-shard (lse, max, argmax) -> the global lse and predicted class
-    if Cr:
-        m_r = torch.amax(xs, 1)
-        raw_max, raw_arg = torch.max(x, 1)
-    else:
-        m_r = raw_max = torch.full((M,), float("-inf"), dtype=acc, device=dev)
-        raw_arg = torch.zeros(M, dtype=torch.long, device=dev)
-    ref = torch.where(torch.isfinite(m_r), m_r, torch.zeros_like(m_r))
-    lse_r = torch.where(torch.isinf(m_r), m_r, ref + torch.log((xs - ref.unsqueeze(1)).exp_().sum(1)))
-    stats = torch.stack([lse_r.double(), raw_max.double(), (raw_arg + offset).double(),
-                         torch.full_like(lse_r, float(error is not None), dtype=torch.float64)])
-    gathered = [torch.empty_like(stats) for _ in range(len(sizes))]
-    dist.all_gather(gathered, stats, group=group)
-    g = torch.stack(gathered)  # [W, 4, M]
-    _raise_if_refused(error, g[:, 3, 0] > 0 if M else torch.zeros(len(sizes), dtype=torch.bool), "its target")
-    if targets_differ:
-        raise _differ("targets")
-    lse = torch.logsumexp(g[:, 0], 0).to(acc)
-    maxes = torch.where((sizes.to(dev) > 0).unsqueeze(1), g[:, 1], torch.full_like(g[:, 1], float("-inf")))
-    pred = g[:, 2].gather(0, torch.argmax(maxes, 0, keepdim=True)).squeeze(0).long()
-    # 2. this shard's loss contribution, target mass and owned class weight -> one all-reduce
-    lt = _local_targets(tgt, opts, w, offset, Cr, C, M, acc, dev)
-    # sums against ref (the shard's max, 0 for a shard of -inf: a label there gives +inf, not -inf - -inf)
-    T_r, d = lt.mass_and_sums(xs, ref) if Cr else (torch.zeros_like(m_r), torch.zeros_like(m_r))
-    part = torch.where(T_r == 0, torch.zeros_like(T_r), T_r * (lse - ref)) + d
-    packed = torch.stack([part, T_r, lt.owned_w, lt.bad.to(acc)], 1)  # a bad label anywhere: NaN everywhere
-    dist.all_reduce(packed, group=group)
-    ce = packed[:, 0].masked_fill(packed[:, 3] > 0, float("nan"))
-    if lt.valid is not None:
-        ce = torch.where(lt.valid, ce, torch.zeros_like(ce))
-    z = None
-    if opts.z_loss:
-        z = opts.z_loss * lse.square()
-        z = torch.where(lt.valid, z, torch.zeros_like(z)) if lt.valid is not None else z
+    M, dev = P * Q, input.device
+    a = _agree(_LikeLogits(input.shape, dev), cdim, target, target_format, opts, group, out_dtype, input.dtype)
+    x = _rows(input.reshape(P, Cr, Q).detach(), a.acc)
+    th, xs = _softcapped(x, a.opts)
+    lt = _local_targets(a.tgt, a.opts, a.w, a.offset, Cr, a.C, M, a.acc, dev)
     pos_shape = torch.Size(input.shape[:cdim] + input.shape[cdim + 1:])
-    red = plan_reduction(tgt, opts, acc, dev, pos_shape, out_dtype,
-                         weight_sum=packed[:, 2].sum() if (w is not None and isinstance(tgt, IndexTarget)) else None)
-    terms = RowTerms(ce, z, lse, pred if opts.return_extras else None)
-    return _Shard(terms, xs, lse, packed[:, 1], lt, th, opts), tgt, red, (P, Cr, Q)
+    terms, red, lse, mass = _combine(a, _Stats.of(x, xs, lt), lt, group, pos_shape, dev)
+    return _Shard(terms, xs, lse, mass, lt, th, a.opts), a.tgt, red, (P, Cr, Q)
 
 
-def _target_shape(input: Tensor, target, cdim: int, C: int) -> "_LikeLogits":
+def vocab_parallel_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], target, target_format: str,
+                          opts: Options, group, out_dtype: torch.dtype, hidden_fp: int = 0):
+    """Vocab-parallel linear cross-entropy without this shard's ``[N, V_r]`` logits: ``x`` ``[..., H]``
+    (replicated), ``weight`` / ``bias`` this rank's rows. One pass over row chunks gathers the
+    per-row statistics the collectives need; the backward recomputes each chunk's logits and forms
+    the input, weight and bias gradients from them (the weight gradient in float32). Memory beyond
+    the inputs: one chunk of logits plus the gradients. Returns ``(loss, terms, typed target)``."""
+    pos_shape, H, Cr = x.shape[:-1], x.shape[-1], weight.shape[0]
+    M, dev = math.prod(pos_shape), x.device
+    like = _LikeLogits(tuple(pos_shape) + (Cr,), dev)
+    a = _agree(like, len(pos_shape), target, target_format, opts, group, out_dtype, x.dtype, hidden_fp)
+    x2 = x.reshape(M, H)
+    lt = _local_targets(a.tgt, a.opts, a.w, a.offset, Cr, a.C, M, a.acc, dev)
+    n = linear_chunk_rows(M, Cr, opts.chunk_size, dev)
+    parts = []
+    with torch.no_grad():
+        for r0 in range(0, M, n):
+            z = torch.nn.functional.linear(x2[r0:r0 + n], weight, bias).to(a.acc)
+            parts.append(_Stats.of(z, _softcapped(z, a.opts)[1], lt.rows(r0, r0 + n)))
+        st = _Stats.cat(parts) if parts else _Stats.of(torch.empty(0, Cr, dtype=a.acc, device=dev),
+                                                       torch.empty(0, Cr, dtype=a.acc, device=dev), lt)
+    terms, red, lse, mass = _combine(a, st, lt, group, torch.Size(pos_shape), dev)
+    plan = _LinearPlan(lt, lse, mass, a.opts, red, a.acc, n)
+    loss = _VocabParallelLinear.apply(x2, weight, bias, plan, terms)
+    return loss, terms, a.tgt
+
+
+@dataclass
+class _LinearPlan:
+    lt: "_LocalTargets"
+    lse: Tensor
+    mass: Tensor
+    opts: Options
+    red: Reduction
+    acc: torch.dtype
+    rows: int
+
+
+class _VocabParallelLinear(torch.autograd.Function):
+    """The loss from the forward's terms; the backward recomputes each chunk's logits of this shard."""
+
+    @staticmethod
+    def forward(ctx, x2: Tensor, weight: Tensor, bias: Optional[Tensor], plan: _LinearPlan, terms: RowTerms):
+        ctx.save_for_backward(x2, weight, bias)
+        ctx.plan = plan
+        return plan.red.reduce(terms.ce, terms.z)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        x2, weight, bias = ctx.saved_tensors
+        plan = ctx.plan
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        up = grad.reshape(-1).to(plan.acc) if not plan.red.scalar else grad.to(plan.acc)
+        dx = torch.zeros_like(x2) if need_x else None
+        dw = torch.zeros(weight.shape, dtype=plan.acc, device=weight.device) if need_w else None
+        db = torch.zeros(weight.shape[0], dtype=plan.acc, device=weight.device) if need_b and bias is not None \
+            else None
+        n = plan.rows
+        for r0 in range(0, x2.shape[0], n):
+            xc = x2[r0:r0 + n]
+            z = torch.nn.functional.linear(xc, weight, bias).to(plan.acc)
+            th, xs = _softcapped(z, plan.opts)
+            lse, lt = plan.lse[r0:r0 + n], plan.lt.rows(r0, r0 + n)
+            g, zc = _row_scales(lt, lse, plan.opts, plan.red, up[r0:r0 + n] if up.dim() else up)
+            p = _shard_grad(xs, lse, plan.mass[r0:r0 + n], lt, th, g, zc, out=xs)
+            if dx is not None:
+                dx[r0:r0 + n] = (p.to(weight.dtype) @ weight).to(dx.dtype)
+            if dw is not None:
+                dw.addmm_(p.t(), xc.to(plan.acc))
+            if db is not None:
+                db += p.sum(0)
+        return (dx, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(bias.dtype),
+                None, None)
+
+
+def _target_shape(like: "_LikeLogits", width: int, cdim: int, C: int) -> "_LikeLogits":
     """The logits the target is checked against: the full vocabulary, or this shard for a shard of the
-    probabilities (a float target with the input's shape)."""
-    Cr = input.shape[cdim]
-    if isinstance(target, Tensor) and target.dtype.is_floating_point and target.dim() == input.dim() \
-            and target.shape[cdim] == Cr and Cr != C:
-        return _LikeLogits(input.shape, input.device)
-    return _LikeLogits(input.shape[:cdim] + (C,) + input.shape[cdim + 1:], input.device)
+    probabilities (a float target as wide as the shard, read as probabilities)."""
+    Cr = like.shape[cdim]
+    if width == Cr and Cr != C:
+        return like
+    return _LikeLogits(like.shape[:cdim] + (C,) + like.shape[cdim + 1:], like.device)
 
 
 class _LikeLogits:
@@ -471,11 +654,11 @@ def is_dtensor(t) -> bool:
     return isinstance(t, DTensor)
 
 
-def local_weight(weight):
-    """Class weights given as a DTensor: replicated (the full ``[C]``, as ``loss_parallel`` takes them)
-    or sharded with the vocabulary: this rank's tensor (the shard or the full weight, told apart by the
-    exchange)."""
-    return weight.to_local() if is_dtensor(weight) else weight
+def local_tensor(t):
+    """A DTensor given beside the logits (class weights, a target, ``num_items``): this rank's tensor.
+    Replicated, that is all of it (the full ``[C]`` class weights, as ``loss_parallel`` takes them);
+    sharded with the vocabulary, this rank's shard (told apart by the exchange)."""
+    return t.to_local() if is_dtensor(t) else t
 
 
 def _replicated(mesh):

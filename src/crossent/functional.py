@@ -13,8 +13,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .distributed import (agree_after, copy_to_vocab_parallel, data_fingerprint, dtensor_logits,
-                          dtensor_linear_args, hidden_states_fingerprint, is_dtensor, local_weight, refuse_vocab_parallel,
+from .distributed import (agree_after, agree_before, copy_to_vocab_parallel, data_fingerprint, dtensor_logits,
+                          dtensor_linear_args, is_dtensor, local_tensor, refuse_vocab_parallel, vocab_parallel_linear,
                           vocab_parallel_terms, world_size)
 from .config import value_checks
 from .impl.common import acc_dtype
@@ -157,9 +157,11 @@ def cross_entropy(input: Tensor, target, weight: Optional[Tensor] = None, ignore
         True
     """
     _no_jit_trace()
+    if process_group is not None or is_dtensor(input):  # DTensor weights, targets, counts: this rank's tensors
+        weight, target, num_items = local_tensor(weight), local_tensor(target), local_tensor(num_items)
     if is_dtensor(input):  # sharded on the class dim: vocab-parallel, a replicated loss
         input, process_group, wrap = dtensor_logits(input, dim)
-        out = cross_entropy(input, target, local_weight(weight), ignore_index, reduction, label_smoothing, dim=dim,
+        out = cross_entropy(input, target, local_tensor(weight), ignore_index, reduction, label_smoothing, dim=dim,
                             target_format=target_format, z_loss=z_loss, softcap=softcap, num_items=num_items,
                             impl=impl, inplace_backward=inplace_backward, process_group=process_group,
                             return_extras=return_extras)
@@ -229,6 +231,8 @@ def _vocab_parallel(input, target, dim, target_format: str, checked, group):
     with autocast_off:
         shard, tgt, red, shape3 = vocab_parallel_terms(input, target, cdim, target_format, opts, group, out_dtype)
         watch = opts.inplace_backward and not torch.compiler.is_compiling()
+        if watch and isinstance(tgt, ProbsTarget) and value_checks():  # before the logits are overwritten
+            agree_before(group, tgt.check_finite)
         version = input._version if watch else 0
         loss, lse, z, pred = fused_cross_entropy(input, FusedCall(shard, tgt, shard.opts, red, shape3, cdim,
                                                                   torch.is_grad_enabled()))
@@ -402,10 +406,12 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target, linear_bi
         chunk_size = check_chunk_size(_chunk_size(chunk_size, options))
     except (ValueError, TypeError) as e:
         early = e  # vocab-parallel: raised on every rank, not on this one alone
+    if process_group is not None or is_dtensor(linear_weight) or is_dtensor(input):
+        weight, target, num_items = local_tensor(weight), local_tensor(target), local_tensor(num_items)
     if is_dtensor(linear_weight) or is_dtensor(input):
         input, linear_weight, linear_bias, process_group, wrap = dtensor_linear_args(input, linear_weight,
                                                                                    linear_bias)
-        loss = linear_cross_entropy(input, linear_weight, target, linear_bias, local_weight(weight), ignore_index,
+        loss = linear_cross_entropy(input, linear_weight, target, linear_bias, local_tensor(weight), ignore_index,
                                     reduction,
                                     label_smoothing, shift=shift, target_format=target_format, z_loss=z_loss,
                                     softcap=softcap, num_items=num_items, impl=impl, chunk_size=chunk_size,
@@ -417,10 +423,10 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target, linear_bi
             refuse_vocab_parallel(process_group, early, input)
         return _linear_vocab_parallel(input, linear_weight, target, linear_bias, shift,
                                       process_group, reduce_input_grad,
-                                      chunk_size=chunk_size, filter_eps=filter_eps,
-                                      weight=weight, ignore_index=-100 if ignore_index is None else ignore_index,
+                                      chunk_size=chunk_size, filter_eps=filter_eps, target_format=target_format,
+                                      weight=weight, ignore_index=ignore_index,
                                       reduction=reduction, label_smoothing=label_smoothing,
-                                      target_format=target_format, z_loss=z_loss, softcap=softcap,
+                                      z_loss=z_loss, softcap=softcap,
                                       num_items=num_items, return_extras=return_extras)
     if early is not None:
         raise early
@@ -459,33 +465,45 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target, linear_bi
 
 
 def _linear_vocab_parallel(input: Tensor, linear_weight: Tensor, target, linear_bias: Optional[Tensor], shift,
-                           group, reduce_input_grad, chunk_size, filter_eps, **kw):
+                           group, reduce_input_grad, chunk_size, filter_eps, target_format, **kw):
     """``linear_weight`` (and bias) hold this rank's rows of the vocabulary, the input is replicated:
-    each rank builds the logits of its shard and runs vocab-parallel :func:`cross_entropy` on them. The
-    weight gradient needs no communication; the input gradient is summed over the ranks (one
-    all-reduce in the backward) unless ``reduce_input_grad=False`` (a layer already reduces it)."""
+    :func:`crossent.distributed.vocab_parallel_linear` goes through row chunks of this shard's logits
+    (never all of them). The weight gradient needs no communication; the input gradient is summed
+    over the ranks (one all-reduce in the backward) unless ``reduce_input_grad=False`` (a layer
+    already reduces it)."""
     try:  # a refusal here travels with the exchange, so that every rank raises
-        if filter_eps is not None or chunk_size is not None:
-            raise ValueError("chunk_size and filter_eps do not apply to vocab-parallel linear_cross_entropy (each "
-                             "rank builds the logits of its shard of the vocabulary): leave them unset")
+        if filter_eps is not None:
+            raise ValueError("filter_eps is for the triton impl on one device; vocab-parallel "
+                             "linear_cross_entropy is exact: leave it unset")
         if not isinstance(linear_weight, Tensor) or linear_weight.dim() != 2:
             raise ValueError("vocab-parallel linear_cross_entropy takes this rank's rows of a [V, H] linear_weight")
         _check_linear_args(input, linear_weight, linear_bias, allow_empty=True)
         shift = check_shift(shift)
         reduce_input_grad = check_flag(reduce_input_grad, "reduce_input_grad")
+        check_target_format(target_format)
         if shift:
             _check_linear_target(input, target, None, shift)
             if input.dim() < 2:
                 raise ValueError(f"shift needs input [..., T, H] with a sequence dim, got {_fmt(input.shape)}")
+        kw["ignore_index"] = -100 if kw["ignore_index"] is None else kw["ignore_index"]
+        opts = make_options(classes=None, device=input.device, chunk_size=chunk_size, **kw)
+        if torch.is_grad_enabled() and opts.weight is not None and opts.weight.requires_grad:
+            raise ValueError("weight requires grad, but vocab-parallel linear_cross_entropy does not differentiate "
+                             "class weights; pass weight.detach()")
     except (ValueError, TypeError) as e:
         refuse_vocab_parallel(group, e, input)
+    fingerprint = data_fingerprint(input) if value_checks() else 0
     x = copy_to_vocab_parallel(input, group) if reduce_input_grad else input
     if shift:  # shift >= T: no position, as on one device (mean: NaN, sum: 0)
         x = x[..., :max(input.shape[-2] - shift, 0), :]
         target = _shifted_target(target, input.shape[:-1], shift)
-    logits = torch.nn.functional.linear(x, linear_weight, linear_bias)
-    with hidden_states_fingerprint(data_fingerprint(input) if value_checks() else 0):
-        return cross_entropy(logits, target, dim=-1, process_group=group, **kw)
+    x, lw, lb = _linear_promoted(x, linear_weight, linear_bias, None)
+    autocast_off, out_dtype = _autocast_off(x)
+    with autocast_off:
+        loss, terms, tgt = vocab_parallel_linear(x, lw, lb, target, target_format, opts, group, out_dtype,
+                                                 fingerprint)
+    agree_after(group, tgt, target, loss)
+    return _finish(loss, terms.lse, terms.z, terms.predicted, x.shape[:-1], tgt, target, opts, checked_after=True)
 
 
 def _linear_k_dim(input: Tensor, linear_weight: Tensor, target, linear_bias: Optional[Tensor], *, shift, **kw):

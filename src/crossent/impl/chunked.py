@@ -31,7 +31,7 @@ from ..config import CONFIG
 from ..options import Options
 from ..reduction import Reduction
 from ..targets import ProbsTarget, Target
-from .common import LinearResult, RowTerms, acc_dtype, host_reads_free
+from .common import LinearResult, RowTerms, acc_dtype, host_reads_free, linear_chunk_rows
 
 NAME = "chunked"
 
@@ -276,27 +276,6 @@ def linear(x: Tensor, w: Tensor, bias: Optional[Tensor] = None, out: Optional[Te
     if bias is not None:
         return torch.addmm(bias, x, w.t(), out=out) if out is not None else torch.addmm(bias, x, w.t())
     return torch.mm(x, w.t(), out=out) if out is not None else torch.mm(x, w.t())
-
-
-def _chunk_bytes(device: Optional[torch.device]) -> int:
-    """Bytes of float32 logits per row chunk: on CPU a tenth of what the eager computation holds at LM
-    shapes, with matmuls still efficient; on CUDA GEMMs want thousands of rows, so more, at most 1/8
-    of the free memory."""
-    if device is None or device.type != "cuda":
-        return CONFIG.linear_chunk_bytes
-    if torch.compiler.is_compiling():
-        return CONFIG.linear_chunk_bytes_cuda
-    free, _ = torch.cuda.mem_get_info(device)
-    return max(CONFIG.linear_chunk_bytes, min(CONFIG.linear_chunk_bytes_cuda, free // 8))
-
-
-def linear_chunk_rows(M: int, V: int, chunk_size: Optional[int] = None, device: Optional[torch.device] = None) -> int:
-    """Rows per chunk: ``chunk_size`` if given, else what fits the device's chunk budget of float32
-    logits (``_chunk_bytes``), at least 32 rows (the weight-gradient update reads and writes all
-    of ``[V, H]`` once per chunk, so tiny chunks would make it memory-bound)."""
-    if chunk_size is not None:
-        return max(1, min(int(chunk_size), max(M, 1)))
-    return max(1, min(max(M, 1), max(32, _chunk_bytes(device) // (4 * max(V, 1)))))
 
 
 def linear_cross_entropy(x2: Tensor, row_ids: Optional[Tensor], linear_weight: Tensor, linear_bias: Optional[Tensor],

@@ -1,4 +1,5 @@
-"""What every fused impl shares: the result types, the accumulation dtype, host reads, gradient buffers."""
+"""What every fused impl shares: the result types, the accumulation dtype, host reads, gradient buffers,
+the row chunks of the linear loss."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["RowTerms", "LinearResult", "acc_dtype", "host_reads_free", "empty_gradient"]
+from ..config import CONFIG
+
+__all__ = ["RowTerms", "LinearResult", "acc_dtype", "host_reads_free", "empty_gradient", "linear_chunk_rows"]
 
 
 class RowTerms(NamedTuple):
@@ -75,3 +78,24 @@ def _libc():
             lib = None
         _LIBC.append(lib)
     return _LIBC[0]
+
+
+def _chunk_bytes(device: Optional[torch.device]) -> int:
+    """Bytes of float32 logits per row chunk: on CPU a tenth of what the eager computation holds at LM
+    shapes, with matmuls still efficient; on CUDA GEMMs want thousands of rows, so more, at most 1/8
+    of the free memory."""
+    if device is None or device.type != "cuda":
+        return CONFIG.linear_chunk_bytes
+    if torch.compiler.is_compiling():
+        return CONFIG.linear_chunk_bytes_cuda
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(CONFIG.linear_chunk_bytes, min(CONFIG.linear_chunk_bytes_cuda, free // 8))
+
+
+def linear_chunk_rows(M: int, V: int, chunk_size: Optional[int] = None, device: Optional[torch.device] = None) -> int:
+    """Rows per chunk: ``chunk_size`` if given, else what fits the device's chunk budget of float32
+    logits (``_chunk_bytes``), at least 32 rows (the weight-gradient update reads and writes all
+    of ``[V, H]`` once per chunk, so tiny chunks would make it memory-bound)."""
+    if chunk_size is not None:
+        return max(1, min(int(chunk_size), max(M, 1)))
+    return max(1, min(max(M, 1), max(32, _chunk_bytes(device) // (4 * max(V, 1)))))

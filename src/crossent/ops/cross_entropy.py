@@ -104,7 +104,10 @@ _OVERWRITTEN: Dict[int, Tuple[weakref.ref, int]] = {}
 def mark_overwritten(t: Tensor) -> None:
     """Remember that ``t`` (as it is now, its version included) holds a gradient, not logits."""
     key = t.untyped_storage().data_ptr()
-    _OVERWRITTEN[key] = (weakref.ref(t, lambda _: _OVERWRITTEN.pop(key, None)), t._version)
+    # held by the base tensor, which owns the memory: a temporary view (x.view(...), a DTensor's
+    # to_local()) may die at once while the gradient it wrote stays in the base
+    owner = t._base if t._base is not None else t
+    _OVERWRITTEN[key] = (weakref.ref(owner, lambda _: _OVERWRITTEN.pop(key, None)), t._version)
 
 
 def check_not_overwritten(input: Tensor) -> None:
