@@ -63,7 +63,7 @@ def _fingerprint(opts: Optional[Options], dtype, target_dtype=None) -> int:
         return 0
     key = (opts.ignore_index, opts.reduction, opts.label_smoothing, opts.z_loss, opts.softcap,
            opts.weight is not None, opts.num_items is not None, opts.return_extras, str(dtype), str(target_dtype),
-           opts.inplace_backward, value_checks())
+           opts.inplace_backward, opts.chunk_size, value_checks())
     return zlib.crc32(repr(key).encode())
 
 
@@ -188,7 +188,7 @@ def shard_sizes(group, classes: int, positions: int, device: torch.device, error
     if bool((table[:, 3] != table[0, 3]).any()):
         raise ValueError("vocab-parallel cross_entropy: the ranks were called with different options or dtypes "
                          "(label_smoothing, z_loss, softcap, ignore_index, reduction, weight, num_items, "
-                         "return_extras, the logits' and the target's dtypes, value checks must agree): pass the "
+                         "return_extras, chunk_size, the logits' and the target's dtypes, value checks must agree): pass the "
                          "same ones on every rank")
     for col, what in ((5, "hidden states"), (6, "num_items")):
         if bool((table[:, col] != table[0, col]).any()):
@@ -476,8 +476,9 @@ class _Stats:
         return _Stats(*[torch.cat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(_Stats)])
 
 
-def _combine(a: _Agreed, st: _Stats, lt: "_LocalTargets", group, pos_shape: torch.Size, dev):
-    """The two O(N) collectives: ``(RowTerms, Reduction, global lse, global target mass)``."""
+def _combine_rows(a: _Agreed, st: _Stats, lt: "_LocalTargets", group, dev):
+    """The two O(N) collectives over these rows: ``(RowTerms, global lse, global target mass, the
+    class weight of the labels each row has on every rank)``."""
     M = st.lse.numel()
     stats = torch.stack([st.lse.double(), st.raw_max.double(), (st.raw_arg + a.offset).double(),
                          torch.full_like(st.lse, float(a.error is not None), dtype=torch.float64)])
@@ -500,10 +501,20 @@ def _combine(a: _Agreed, st: _Stats, lt: "_LocalTargets", group, pos_shape: torc
     if a.opts.z_loss:
         z = a.opts.z_loss * lse.square()
         z = torch.where(lt.valid, z, torch.zeros_like(z)) if lt.valid is not None else z
-    weighted = a.w is not None and isinstance(a.tgt, IndexTarget)
+    return RowTerms(ce, z, lse, pred if a.opts.return_extras else None), lse, packed[:, 1], packed[:, 2]
+
+
+def _weighted_mean(a: _Agreed) -> bool:
+    """Whether the denominator is the summed class weights of the labels, which the ranks own apart."""
+    return a.w is not None and isinstance(a.tgt, IndexTarget)
+
+
+def _combine(a: _Agreed, st: _Stats, lt: "_LocalTargets", group, pos_shape: torch.Size, dev):
+    """The two O(N) collectives: ``(RowTerms, Reduction, global lse, global target mass)``."""
+    terms, lse, mass, owned_w = _combine_rows(a, st, lt, group, dev)
     red = plan_reduction(a.tgt, a.opts, a.acc, dev, pos_shape, a.out_dtype,
-                         weight_sum=packed[:, 2].sum() if weighted else None)
-    return RowTerms(ce, z, lse, pred if a.opts.return_extras else None), red, lse, packed[:, 1]
+                         weight_sum=owned_w.sum() if _weighted_mean(a) else None)
+    return terms, red, lse, mass
 
 
 def _softcapped(x: Tensor, opts: Options):
@@ -533,28 +544,82 @@ def vocab_parallel_terms(input: Tensor, target, cdim: int, target_format: str, o
 def vocab_parallel_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], target, target_format: str,
                           opts: Options, group, out_dtype: torch.dtype, hidden_fp: int = 0):
     """Vocab-parallel linear cross-entropy without this shard's ``[N, V_r]`` logits: ``x`` ``[..., H]``
-    (replicated), ``weight`` / ``bias`` this rank's rows. One pass over row chunks gathers the
-    per-row statistics the collectives need; the backward recomputes each chunk's logits and forms
-    the input, weight and bias gradients from them (the weight gradient in float32). Memory beyond
-    the inputs: one chunk of logits plus the gradients. Returns ``(loss, terms, typed target)``."""
+    (replicated), ``weight`` / ``bias`` this rank's rows. Row chunks of the shard's logits, the same
+    number on every rank; each chunk's two O(chunk) collectives give its global lse, and (for a
+    scalar loss) its gradient is formed at once: three matmuls per chunk, the input, weight and bias
+    gradients accumulated (the weight's in float32). ``reduction="none"`` forms it in the backward,
+    which recomputes each chunk's logits. Memory beyond the inputs: one chunk of logits plus the
+    gradients. Returns ``(loss, terms, typed target)``."""
     pos_shape, H, Cr = x.shape[:-1], x.shape[-1], weight.shape[0]
     M, dev = math.prod(pos_shape), x.device
     like = _LikeLogits(tuple(pos_shape) + (Cr,), dev)
     a = _agree(like, len(pos_shape), target, target_format, opts, group, out_dtype, x.dtype, hidden_fp)
     x2 = x.reshape(M, H)
     lt = _local_targets(a.tgt, a.opts, a.w, a.offset, Cr, a.C, M, a.acc, dev)
-    n = linear_chunk_rows(M, Cr, opts.chunk_size, dev)
+    red = _linear_reduction(a, lt, group, torch.Size(pos_shape), dev)
+    n = linear_chunk_rows(M, int(a.sizes.max()), opts.chunk_size, dev)  # the same on every rank
+    wants = [t is not None and t.requires_grad for t in (x2, weight, bias)]
+    grads = _Grads.zeros(x2, weight, bias, wants, a.acc) if torch.is_grad_enabled() and any(wants) \
+        and red.scalar else None
     parts = []
     with torch.no_grad():
-        for r0 in range(0, M, n):
-            z = torch.nn.functional.linear(x2[r0:r0 + n], weight, bias).to(a.acc)
-            parts.append(_Stats.of(z, _softcapped(z, a.opts)[1], lt.rows(r0, r0 + n)))
-        st = _Stats.cat(parts) if parts else _Stats.of(torch.empty(0, Cr, dtype=a.acc, device=dev),
-                                                       torch.empty(0, Cr, dtype=a.acc, device=dev), lt)
-    terms, red, lse, mass = _combine(a, st, lt, group, torch.Size(pos_shape), dev)
-    plan = _LinearPlan(lt, lse, mass, a.opts, red, a.acc, n)
+        for r0 in range(0, M, n) if M else (0,):
+            xc, lc = x2[r0:r0 + n], lt.rows(r0, r0 + n)
+            z = torch.nn.functional.linear(xc, weight, bias).to(a.acc)
+            th, xs = _softcapped(z, a.opts)
+            terms, lse, mass, _ = _combine_rows(a, _Stats.of(z, xs, lc), lc, group, dev)
+            parts.append((terms, lse, mass))
+            if grads is not None:
+                g, zc = _row_scales(lc, lse, a.opts, red, 1.0)
+                grads.add(r0, xc, weight, _shard_grad(xs, lse, mass, lc, th, g, zc, out=xs))
+    terms = RowTerms(*[None if parts[0][0][i] is None else torch.cat([p[0][i] for p in parts]) for i in range(4)])
+    plan = _LinearPlan(lt, torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts]), a.opts, red, a.acc,
+                       n, grads)
     loss = _VocabParallelLinear.apply(x2, weight, bias, plan, terms)
     return loss, terms, a.tgt
+
+
+def _linear_reduction(a: _Agreed, lt: "_LocalTargets", group, pos_shape: torch.Size, dev) -> Reduction:
+    """The reduction, before the chunks (they form the gradient): a weighted mean sums the class
+    weights each rank's labels own with one all-reduce of a number."""
+    weight_sum = None
+    if _weighted_mean(a) and a.opts.num_items is None and a.opts.reduction == "mean":
+        weight_sum = lt.owned_w.sum().reshape(1).clone()
+        dist.all_reduce(weight_sum, group=group)
+        weight_sum = weight_sum[0]
+    return plan_reduction(a.tgt, a.opts, a.acc, dev, pos_shape, a.out_dtype, weight_sum=weight_sum)
+
+
+@dataclass
+class _Grads:
+    """The gradients formed in the forward (a scalar loss): the input's in its dtype, the weight's and
+    bias's accumulated in float32 (the accumulation dtype)."""
+
+    dx: Optional[Tensor]
+    dw: Optional[Tensor]
+    db: Optional[Tensor]
+
+    @staticmethod
+    def zeros(x2: Tensor, weight: Tensor, bias: Optional[Tensor], wants, acc: torch.dtype) -> "_Grads":
+        return _Grads(torch.zeros_like(x2) if wants[0] else None,
+                      torch.zeros(weight.shape, dtype=acc, device=weight.device) if wants[1] else None,
+                      torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if wants[2] else None)
+
+    def add(self, r0: int, xc: Tensor, weight: Tensor, p: Tensor) -> None:
+        """A chunk's logit gradient ``p`` ``[m, V_r]`` (rows ``r0:r0 + m``): its three products."""
+        if self.dx is not None:
+            self.dx[r0:r0 + p.shape[0]] = (p.to(weight.dtype) @ weight).to(self.dx.dtype)
+        if self.dw is not None:
+            self.dw.addmm_(p.t(), xc.to(p.dtype))
+        if self.db is not None:
+            self.db += p.sum(0)
+
+    def out(self, grad: Tensor, weight: Tensor, bias: Optional[Tensor]):
+        """Scaled by the incoming (scalar) gradient, in the inputs' dtypes."""
+        def scaled(t, dtype):
+            return None if t is None else (t * grad.to(t.dtype)).to(dtype)
+        return (scaled(self.dx, self.dx.dtype if self.dx is not None else None), scaled(self.dw, weight.dtype),
+                scaled(self.db, None if bias is None else bias.dtype))
 
 
 @dataclass
@@ -566,14 +631,16 @@ class _LinearPlan:
     red: Reduction
     acc: torch.dtype
     rows: int
+    grads: Optional[_Grads]
 
 
 class _VocabParallelLinear(torch.autograd.Function):
-    """The loss from the forward's terms; the backward recomputes each chunk's logits of this shard."""
+    """The loss from the forward's terms. The backward scales the gradients formed in the forward, or
+    (``reduction="none"``) recomputes each chunk's logits of this shard with the rows' upstream."""
 
     @staticmethod
     def forward(ctx, x2: Tensor, weight: Tensor, bias: Optional[Tensor], plan: _LinearPlan, terms: RowTerms):
-        ctx.save_for_backward(x2, weight, bias)
+        ctx.save_for_backward(x2 if plan.grads is None else None, weight, bias)
         ctx.plan = plan
         return plan.red.reduce(terms.ce, terms.z)
 
@@ -582,12 +649,10 @@ class _VocabParallelLinear(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         x2, weight, bias = ctx.saved_tensors
         plan = ctx.plan
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if plan.grads is not None:
+            return (*plan.grads.out(grad, weight, bias), None, None)
         up = grad.reshape(-1).to(plan.acc) if not plan.red.scalar else grad.to(plan.acc)
-        dx = torch.zeros_like(x2) if need_x else None
-        dw = torch.zeros(weight.shape, dtype=plan.acc, device=weight.device) if need_w else None
-        db = torch.zeros(weight.shape[0], dtype=plan.acc, device=weight.device) if need_b and bias is not None \
-            else None
+        grads = _Grads.zeros(x2, weight, bias, ctx.needs_input_grad[:3], plan.acc)
         n = plan.rows
         for r0 in range(0, x2.shape[0], n):
             xc = x2[r0:r0 + n]
@@ -595,15 +660,8 @@ class _VocabParallelLinear(torch.autograd.Function):
             th, xs = _softcapped(z, plan.opts)
             lse, lt = plan.lse[r0:r0 + n], plan.lt.rows(r0, r0 + n)
             g, zc = _row_scales(lt, lse, plan.opts, plan.red, up[r0:r0 + n] if up.dim() else up)
-            p = _shard_grad(xs, lse, plan.mass[r0:r0 + n], lt, th, g, zc, out=xs)
-            if dx is not None:
-                dx[r0:r0 + n] = (p.to(weight.dtype) @ weight).to(dx.dtype)
-            if dw is not None:
-                dw.addmm_(p.t(), xc.to(plan.acc))
-            if db is not None:
-                db += p.sum(0)
-        return (dx, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(bias.dtype),
-                None, None)
+            grads.add(r0, xc, weight, _shard_grad(xs, lse, plan.mass[r0:r0 + n], lt, th, g, zc, out=xs))
+        return (*grads.out(torch.ones((), dtype=plan.acc, device=weight.device), weight, bias), None, None)
 
 
 def _target_shape(like: "_LikeLogits", width: int, cdim: int, C: int) -> "_LikeLogits":

@@ -354,10 +354,10 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target, linear_bi
             ``torch.mm`` instead).
         process_group (ProcessGroup, optional): vocab-parallel mode:
             ``linear_weight`` (and ``linear_bias``) hold this rank's rows of the
-            vocabulary, ``input`` is replicated. Each rank builds the logits of
-            its shard (not chunked) and runs vocab-parallel
-            :func:`crossent.cross_entropy` on them; the weight gradient needs no
-            communication. A ``DTensor`` ``linear_weight`` sharded on dim 0 (an
+            vocabulary, ``input`` is replicated. Each rank goes over row chunks
+            of its shard's logits (never all of them: ``chunk_size`` applies),
+            with the collectives of vocab-parallel :func:`crossent.cross_entropy`
+            per chunk; the weight gradient needs no communication. A ``DTensor`` ``linear_weight`` sharded on dim 0 (an
             lm_head under ``ColwiseParallel``) is vocab-parallel with no extra
             argument. The hidden states must be the same on every rank (checked
             by fingerprint while value checks are on): an FSDP2 (``fully_shard``)
