@@ -450,7 +450,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target, linear_bi
                            check_target_format(target_format), opts.ignore_index)
     x, lw, lb = _linear_promoted(input, linear_weight, linear_bias, tgt)
     r = resolve(impl, x.device, x.dtype, (x, lw, lb))
-    check_supported(r, opts, tgt.requires_grad, "linear_cross_entropy")
+    check_supported(r, opts, tgt.requires_grad)
     autocast_off, out_dtype = _autocast_off(x)
     with autocast_off:
         red = plan_reduction(tgt, opts, acc_dtype(x.dtype), x.device, pos_shape, out_dtype)

@@ -56,11 +56,6 @@ class Options:
         """The class weights in ``dtype`` (the accumulation dtype), or None."""
         return None if self.weight is None else self.weight.to(dtype)
 
-    @property
-    def scalar_loss(self) -> bool:
-        """Whether the loss is one number (``mean``, ``sum`` or ``num_items``), not one per position."""
-        return self.reduction != "none" or self.num_items is not None
-
 
 def _number(value, name: str, hint: str) -> float:
     """A real number from a Python/NumPy number or a one-element tensor (never a bool)."""

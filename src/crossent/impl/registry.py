@@ -123,7 +123,7 @@ def explain(device: torch.device) -> List[str]:
     return lines
 
 
-def check_supported(r: Resolved, opts, target_requires_grad: bool, op: str = "cross_entropy") -> None:
+def check_supported(r: Resolved, opts, target_requires_grad: bool) -> None:
     """Options and inputs that only some impls take: a clear error where the resolved impl does not."""
     if opts.inplace_backward and not r.fused and not r.transformed:
         raise ValueError("inplace_backward=True needs a fused impl ('chunked' or 'triton'): impl='torch' "
