@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .config import value_checks
+from .config import CONFIG, value_checks
 from .impl.common import RowTerms, acc_dtype, host_reads_free, linear_chunk_rows
 from .options import Options
 from .reduction import Reduction, plan_reduction
@@ -250,31 +250,42 @@ def _raise_if_refused(error: Optional[BaseException], refused: Tensor, what: str
 
 @dataclass
 class _Shard:
-    """What the forward learned; handed to the fused autograd Function as its impl, which asks it for
-    the gradient of this rank's shard (formed from the global lse, no collective)."""
+    """This rank's side of a vocab-parallel cross-entropy, handed to the fused autograd Function as its
+    impl. Per chunk of rows (the same number on every rank): the shard's statistics, the chunk's two
+    O(chunk) collectives and, when a gradient is wanted, the chunk's gradient from the global lse,
+    straight into the buffer while the chunk is in cache. One read of the shard and one write of its
+    gradient."""
 
-    terms: RowTerms
-    xs: Tensor  # [M, C_r] this shard's logits after softcap (a view of the input without softcap)
-    lse: Tensor  # [M] global
-    mass: Tensor  # [M] T, the global target mass
-    targets: "_LocalTargets"
-    th: Optional[Tensor]  # [M, C_r] tanh(x / softcap)
-    opts: Optional[Options] = None  # the options with this rank's shard of the class weights
+    a: "_Agreed"
+    lt: "_LocalTargets"
+    group: object
+    chunk: int  # positions of dim 0 (P) per chunk
     NAME: str = "vocab-parallel"
+
+    @property
+    def opts(self) -> Options:
+        return self.a.opts
 
     def cross_entropy(self, x3: Tensor, tgt: Target, opts: Options, red: Reduction,
                       grad3: Optional[Tensor] = None) -> RowTerms:
-        if grad3 is None:
-            return self.terms
         P, Cr, Q = x3.shape
-        g, zc = _row_scales(self.targets, self.lse, opts, red, 1.0)
-        # softmax over the full vocabulary, straight into the gradient buffer when it is a plain view
-        dst = grad3[:, :, 0] if Q == 1 else None
-        direct = dst is not None and dst.dtype == self.xs.dtype and dst.is_contiguous()
-        p = _shard_grad(self.xs, self.lse, self.mass, self.targets, self.th, g, zc, dst if direct else None)
-        if not direct:
-            grad3.copy_(p.reshape(P, Q, Cr).transpose(1, 2))
-        return self.terms
+        parts = []
+        for p0 in range(0, P, self.chunk) if P else (0,):
+            p1 = min(P, p0 + self.chunk)
+            x = _rows(x3[p0:p1].detach(), self.a.acc)
+            th, xs = _softcapped(x, opts)
+            lc = self.lt.rows(p0 * Q, p1 * Q)
+            terms, lse, mass, _ = _combine_rows(self.a, _Stats.of(x, xs, lc), lc, self.group, x3.device)
+            parts.append(terms)
+            if grad3 is None:
+                continue
+            g, zc = _row_scales(lc, lse, opts, red, 1.0)
+            dst = grad3[p0:p1, :, 0] if Q == 1 else None
+            direct = dst is not None and dst.dtype == xs.dtype and dst.is_contiguous()
+            p = _shard_grad(xs, lse, mass, lc, th, g, zc, dst if direct else None)
+            if not direct:
+                grad3[p0:p1].copy_(p.reshape(p1 - p0, Q, Cr).transpose(1, 2))
+        return RowTerms(*[None if parts[0][i] is None else torch.cat([t[i] for t in parts]) for i in range(4)])
 
 
 def _row_scales(lt: "_LocalTargets", lse: Tensor, opts: Options, red: Reduction, upstream) -> Tuple[Tensor, Tensor]:
@@ -479,15 +490,15 @@ class _Stats:
 def _combine_rows(a: _Agreed, st: _Stats, lt: "_LocalTargets", group, dev):
     """The two O(N) collectives over these rows: ``(RowTerms, global lse, global target mass, the
     class weight of the labels each row has on every rank)``."""
-    M = st.lse.numel()
-    stats = torch.stack([st.lse.double(), st.raw_max.double(), (st.raw_arg + a.offset).double(),
-                         torch.full_like(st.lse, float(a.error is not None), dtype=torch.float64)])
-    gathered = [torch.empty_like(stats) for _ in range(len(a.sizes))]
-    dist.all_gather(gathered, stats, group=group)
-    g = torch.stack(gathered)  # [W, 4, M]
-    _raise_if_refused(a.error, g[:, 3, 0] > 0 if M else torch.zeros(len(a.sizes), dtype=torch.bool), "its target")
+    stats = torch.stack([st.lse.double(), st.raw_max.double(), (st.raw_arg + a.offset).double()])
+    refused = torch.full((3, 1), float(a.error is not None), dtype=torch.float64, device=stats.device)
+    gathered = [torch.empty(3, stats.shape[1] + 1, dtype=torch.float64, device=stats.device) for _ in a.sizes]
+    dist.all_gather(gathered, torch.cat([stats, refused], 1), group=group)  # the refusal travels, even with no row
+    g = torch.stack(gathered)  # [W, 3, M + 1]
+    _raise_if_refused(a.error, g[:, 0, -1].cpu() > 0, "its target")
     if a.targets_differ:
         raise _differ("targets")
+    g = g[:, :, :-1]
     lse = torch.logsumexp(g[:, 0], 0).to(a.acc)
     maxes = torch.where((a.sizes.to(dev) > 0).unsqueeze(1), g[:, 1], torch.full_like(g[:, 1], float("-inf")))
     pred = g[:, 2].gather(0, torch.argmax(maxes, 0, keepdim=True)).squeeze(0).long()
@@ -509,14 +520,6 @@ def _weighted_mean(a: _Agreed) -> bool:
     return a.w is not None and isinstance(a.tgt, IndexTarget)
 
 
-def _combine(a: _Agreed, st: _Stats, lt: "_LocalTargets", group, pos_shape: torch.Size, dev):
-    """The two O(N) collectives: ``(RowTerms, Reduction, global lse, global target mass)``."""
-    terms, lse, mass, owned_w = _combine_rows(a, st, lt, group, dev)
-    red = plan_reduction(a.tgt, a.opts, a.acc, dev, pos_shape, a.out_dtype,
-                         weight_sum=owned_w.sum() if _weighted_mean(a) else None)
-    return terms, red, lse, mass
-
-
 def _softcapped(x: Tensor, opts: Options):
     """``(th, xs)``: ``tanh(x / s)`` and the capped logits ``s * th`` (``None`` and ``x`` without softcap)."""
     if opts.softcap is None:
@@ -527,18 +530,18 @@ def _softcapped(x: Tensor, opts: Options):
 
 def vocab_parallel_terms(input: Tensor, target, cdim: int, target_format: str, opts: Options, group,
                          out_dtype: torch.dtype):
-    """``(_Shard, typed target, Reduction, shape3)`` of a vocab-parallel cross-entropy: the collectives
-    and the per-position terms (no autograd); the caller runs the gradient through the fused Function."""
+    """``(_Shard, typed target, Reduction, shape3)`` of a vocab-parallel cross-entropy: the exchange,
+    the target and the reduction; the caller runs the :class:`_Shard` (its chunks' collectives and
+    gradient) through the fused autograd Function."""
     P, Cr = math.prod(input.shape[:cdim]), input.shape[cdim]
     Q = math.prod(input.shape[cdim + 1:])
-    M, dev = P * Q, input.device
+    dev = input.device
     a = _agree(_LikeLogits(input.shape, dev), cdim, target, target_format, opts, group, out_dtype, input.dtype)
-    x = _rows(input.reshape(P, Cr, Q).detach(), a.acc)
-    th, xs = _softcapped(x, a.opts)
-    lt = _local_targets(a.tgt, a.opts, a.w, a.offset, Cr, a.C, M, a.acc, dev)
+    lt = _local_targets(a.tgt, a.opts, a.w, a.offset, Cr, a.C, P * Q, a.acc, dev)
     pos_shape = torch.Size(input.shape[:cdim] + input.shape[cdim + 1:])
-    terms, red, lse, mass = _combine(a, _Stats.of(x, xs, lt), lt, group, pos_shape, dev)
-    return _Shard(terms, xs, lse, mass, lt, th, a.opts), a.tgt, red, (P, Cr, Q)
+    red = _reduction_first(a, lt, group, pos_shape, dev)
+    chunk = max(1, (4 * CONFIG.chunk_elements) // max(1, int(a.sizes.max()) * Q))  # the same on every rank
+    return _Shard(a, lt, group, chunk), a.tgt, red, (P, Cr, Q)
 
 
 def vocab_parallel_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], target, target_format: str,
@@ -556,7 +559,7 @@ def vocab_parallel_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], tar
     a = _agree(like, len(pos_shape), target, target_format, opts, group, out_dtype, x.dtype, hidden_fp)
     x2 = x.reshape(M, H)
     lt = _local_targets(a.tgt, a.opts, a.w, a.offset, Cr, a.C, M, a.acc, dev)
-    red = _linear_reduction(a, lt, group, torch.Size(pos_shape), dev)
+    red = _reduction_first(a, lt, group, torch.Size(pos_shape), dev)
     n = linear_chunk_rows(M, int(a.sizes.max()), opts.chunk_size, dev)  # the same on every rank
     wants = [t is not None and t.requires_grad for t in (x2, weight, bias)]
     grads = _Grads.zeros(x2, weight, bias, wants, a.acc) if torch.is_grad_enabled() and any(wants) \
@@ -579,14 +582,22 @@ def vocab_parallel_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], tar
     return loss, terms, a.tgt
 
 
-def _linear_reduction(a: _Agreed, lt: "_LocalTargets", group, pos_shape: torch.Size, dev) -> Reduction:
-    """The reduction, before the chunks (they form the gradient): a weighted mean sums the class
-    weights each rank's labels own with one all-reduce of a number."""
+def _reduction_first(a: _Agreed, lt: "_LocalTargets", group, pos_shape: torch.Size, dev) -> Optional[Reduction]:
+    """The reduction, before the chunks (each forms its gradient at once). A weighted mean sums the
+    class weights each rank's labels own: one all-gather of two numbers per rank, which carries a
+    refusal of the target too (every rank takes it: the options agree). ``None`` where this rank
+    refused its target and the refusal travels with the first chunk's collective."""
     weight_sum = None
-    if _weighted_mean(a) and a.opts.num_items is None and a.opts.reduction == "mean":
-        weight_sum = lt.owned_w.sum().reshape(1).clone()
-        dist.all_reduce(weight_sum, group=group)
-        weight_sum = weight_sum[0]
+    if a.opts.weight is not None and a.opts.num_items is None and a.opts.reduction == "mean":
+        mine = torch.stack([lt.owned_w.sum().to(torch.float64),
+                            torch.tensor(float(a.error is not None), dtype=torch.float64, device=dev)])
+        everyone = [torch.empty_like(mine) for _ in a.sizes]
+        dist.all_gather(everyone, mine, group=group)
+        table = torch.stack(everyone)
+        _raise_if_refused(a.error, table[:, 1].cpu() > 0, "its target")
+        weight_sum = table[:, 0].sum().to(a.acc) if isinstance(a.tgt, IndexTarget) else None
+    if a.tgt is None:
+        return None
     return plan_reduction(a.tgt, a.opts, a.acc, dev, pos_shape, a.out_dtype, weight_sum=weight_sum)
 
 
