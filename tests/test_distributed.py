@@ -90,7 +90,20 @@ def _entry(rank: int, world: int, port: int, result_dir: str, body, args):
 
 def _run_ranks(body, world: int, tmp_path, *args, deadline_s: float = DEADLINE_S):
     """Spawn ``world`` ranks running ``body``; a failing rank fails the test with every rank's traceback,
-    a hang is killed at the deadline."""
+    a hang is killed at the deadline. A port that another process took between choosing and binding
+    it (EADDRINUSE at the rendezvous) is retried on a new port, twice at most."""
+    for attempt in range(3):
+        for p in tmp_path.glob("rank*.err"):
+            p.unlink()
+        try:
+            return _run_ranks_once(body, world, tmp_path, args, deadline_s)
+        except pytest.fail.Exception:
+            errs = "".join(p.read_text() for p in tmp_path.glob("rank*.err"))
+            if "EADDRINUSE" not in errs or attempt == 2:
+                raise
+
+
+def _run_ranks_once(body, world: int, tmp_path, args, deadline_s: float):
     ctx = mp.start_processes(_entry, args=(world, _free_port(), str(tmp_path), body, args), nprocs=world,
                              join=False, start_method="spawn")
     deadline = time.monotonic() + deadline_s

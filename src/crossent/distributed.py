@@ -275,15 +275,18 @@ class _Shard:
             x = _rows(x3[p0:p1].detach(), self.a.acc)
             th, xs = _softcapped(x, opts)
             lc = self.lt.rows(p0 * Q, p1 * Q)
-            terms, lse, mass, _ = _combine_rows(self.a, _Stats.of(x, xs, lc), lc, self.group, x3.device)
+            dst = grad3[p0:p1, :, 0] if grad3 is not None and Q == 1 else None
+            if dst is None or dst.dtype != xs.dtype or not dst.is_contiguous():
+                dst = None
+            # exp(xs - ref) lands in the gradient buffer (it may be the logits: read first, written last)
+            st, e = _Stats.of(x, xs, lc, out=dst)
+            terms, lse, mass, _ = _combine_rows(self.a, st, lc, self.group, x3.device)
             parts.append(terms)
             if grad3 is None:
                 continue
             g, zc = _row_scales(lc, lse, opts, red, 1.0)
-            dst = grad3[p0:p1, :, 0] if Q == 1 else None
-            direct = dst is not None and dst.dtype == xs.dtype and dst.is_contiguous()
-            p = _shard_grad(xs, lse, mass, lc, th, g, zc, dst if direct else None)
-            if not direct:
+            p = _shard_grad(e, lse, mass, lc, th, g, zc, ref=st.ref)
+            if dst is None:
                 grad3[p0:p1].copy_(p.reshape(p1 - p0, Q, Cr).transpose(1, 2))
         return RowTerms(*[None if parts[0][i] is None else torch.cat([t[i] for t in parts]) for i in range(4)])
 
@@ -300,13 +303,18 @@ def _row_scales(lt: "_LocalTargets", lse: Tensor, opts: Options, red: Reduction,
 
 
 def _shard_grad(xs: Tensor, lse: Tensor, mass: Tensor, lt: "_LocalTargets", th: Optional[Tensor], g: Tensor,
-                zc: Tensor, out: Optional[Tensor] = None) -> Tensor:
-    """The gradient of this shard's logits ``[m, C_r]`` (rows ``xs`` after softcap), from the global
-    ``lse``: ``g (T p - t) + zc p``, times ``1 - tanh^2`` under softcap. Written into ``out`` (which
-    may be ``xs``) when given. A row whose global lse is not finite (+inf or NaN anywhere, or all
-    -inf) gets NaN on every rank, as in one process."""
-    p = torch.sub(xs, lse.unsqueeze(1), out=out).exp_() if out is not None else (xs - lse.unsqueeze(1)).exp_()
-    p.mul_((mass * g + zc).unsqueeze(1))
+                zc: Tensor, out: Optional[Tensor] = None, ref: Optional[Tensor] = None) -> Tensor:
+    """The gradient of this shard's logits ``[m, C_r]`` from the global ``lse``: ``g (T p - t) + zc p``,
+    times ``1 - tanh^2`` under softcap. From the capped logits ``xs`` (written into ``out``, which may
+    be ``xs``, when given), or, with ``ref``, from ``xs = exp(x_s - ref)`` (the shard's own softmax
+    numerators, overwritten): ``p = xs * exp(ref - lse)``. A row whose global lse is not finite (+inf
+    or NaN anywhere, or all -inf) gets NaN on every rank, as in one process."""
+    coef = mass * g + zc
+    if ref is not None:
+        p = xs.mul_((coef * torch.exp(ref - lse)).unsqueeze(1))
+    else:
+        p = torch.sub(xs, lse.unsqueeze(1), out=out).exp_() if out is not None else (xs - lse.unsqueeze(1)).exp_()
+        p.mul_(coef.unsqueeze(1))
     if lt.t is not None:
         p.sub_(g.unsqueeze(1) * lt.t)
     else:
@@ -467,20 +475,23 @@ class _Stats:
     sums: Tensor  # sum_c t_c (ref - x_c)
 
     @staticmethod
-    def of(x: Tensor, xs: Tensor, lt: "_LocalTargets") -> "_Stats":
-        """``x`` the rows' logits, ``xs`` after softcap (``[m, C_r]``)."""
+    def of(x: Tensor, xs: Tensor, lt: "_LocalTargets", out: Optional[Tensor] = None):
+        """``(stats, e)`` of rows ``x`` (the logits, ``[m, C_r]``; ``xs`` after softcap), with
+        ``e = exp(xs - ref)`` written into ``out`` when given (it may be ``x`` itself: every read of
+        ``x`` comes first)."""
         m, Cr = x.shape
         if Cr:
-            m_r = torch.amax(xs, 1)
             raw_max, raw_arg = torch.max(x, 1)
+            m_r = raw_max if xs is x else torch.amax(xs, 1)
         else:
             m_r = raw_max = torch.full((m,), float("-inf"), dtype=x.dtype, device=x.device)
             raw_arg = torch.zeros(m, dtype=torch.long, device=x.device)
         # the shard's max, 0 for a shard of -inf (a label there gives +inf, not -inf - -inf)
         ref = torch.where(torch.isfinite(m_r), m_r, torch.zeros_like(m_r))
-        lse = torch.where(torch.isinf(m_r), m_r, ref + torch.log((xs - ref.unsqueeze(1)).exp().sum(1)))
         T, d = lt.mass_and_sums(xs, ref) if Cr else (torch.zeros_like(m_r), torch.zeros_like(m_r))
-        return _Stats(ref, lse, raw_max, raw_arg, T, d)
+        e = torch.sub(xs, ref.unsqueeze(1), out=out) if out is not None else xs - ref.unsqueeze(1)
+        lse = torch.where(torch.isinf(m_r), m_r, ref + torch.log(e.exp_().sum(1)))
+        return _Stats(ref, lse, raw_max, raw_arg, T, d), e
 
     @staticmethod
     def cat(parts) -> "_Stats":
@@ -570,11 +581,12 @@ def vocab_parallel_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], tar
             xc, lc = x2[r0:r0 + n], lt.rows(r0, r0 + n)
             z = torch.nn.functional.linear(xc, weight, bias).to(a.acc)
             th, xs = _softcapped(z, a.opts)
-            terms, lse, mass, _ = _combine_rows(a, _Stats.of(z, xs, lc), lc, group, dev)
+            st, e = _Stats.of(z, xs, lc, out=z)  # exp(xs - ref) over the chunk's logits (read first)
+            terms, lse, mass, _ = _combine_rows(a, st, lc, group, dev)
             parts.append((terms, lse, mass))
             if grads is not None:
                 g, zc = _row_scales(lc, lse, a.opts, red, 1.0)
-                grads.add(r0, xc, weight, _shard_grad(xs, lse, mass, lc, th, g, zc, out=xs))
+                grads.add(r0, xc, weight, _shard_grad(e, lse, mass, lc, th, g, zc, ref=st.ref))
     terms = RowTerms(*[None if parts[0][0][i] is None else torch.cat([p[0][i] for p in parts]) for i in range(4)])
     plan = _LinearPlan(lt, torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts]), a.opts, red, a.acc,
                        n, grads)
