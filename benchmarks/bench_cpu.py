@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from crossent import bench
+from crossent.tools import bench
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # results of CPUs without AVX-512 (where oneDNN gains nothing over MKL) are kept apart from the reference host's

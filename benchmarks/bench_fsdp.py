@@ -13,7 +13,7 @@ Applied after sharding. Time is the median step (after warm-up steps; gradients 
 between steps, outside the timing); the timed steps of the three variants take turns, so a slow
 spell of a shared machine hits all three alike, and the CSV records the share of the cores that
 other processes used during the run (others_cpu_share). Peak memory is one more step's peak of
-torch's CPU allocations beyond those alive before it (`crossent.demo_lm.peak_alloc_bytes`: the
+torch's CPU allocations beyond those alive before it (`crossent.tools.demo_lm.peak_alloc_bytes`: the
 running sum of the allocation events of torch.profiler with profile_memory=True), per rank; it
 includes the gradients and FSDP's all-gathered parameters. The three variants' losses and local
 gradient norms on the same data must agree (relative difference < 1e-4), or the script fails.
@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from crossent.bench import machine
+from crossent.tools.machine import machine
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VARIANTS = ("stock", "loss_function", "linear")
@@ -111,7 +111,7 @@ class _Variant:
 
 def _rank(rank, port, a, out):
     try:
-        from crossent.demo_lm import peak_alloc_bytes
+        from crossent.tools.demo_lm import peak_alloc_bytes
 
         torch.set_num_threads(1)  # 2 ranks on 2 cores: one thread each
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,

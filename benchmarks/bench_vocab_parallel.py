@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import crossent
-from crossent.bench import machine
+from crossent.tools.machine import machine
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

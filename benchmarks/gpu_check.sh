@@ -70,8 +70,8 @@ have_liger=0 have_cce=0
 "$PY" -c "import liger_kernel" 2>/dev/null && have_liger=1
 "$PY" -c "import cut_cross_entropy" 2>/dev/null && have_cce=1
 n=0
-# bench NAME CAP IMPLS ARGS...: one `python -m crossent.bench` run per impl (a fresh process each, as
-# crossent.bench does anyway), each with its own CSV and timeout, so that a slow impl (a compile, an
+# bench NAME CAP IMPLS ARGS...: one `python -m crossent.tools.bench` run per impl (a fresh process each, as
+# crossent.tools.bench does anyway), each with its own CSV and timeout, so that a slow impl (a compile, an
 # autotune) costs only its own row; impls whose package is missing are dropped
 bench() {
   local name=$1 cap=$2 impls=$3 impl
@@ -82,7 +82,7 @@ bench() {
       cce*) (( have_cce )) || { echo "== $name: $impl skipped (not installed)"; continue; } ;;
     esac
     n=$(( n + 1 ))
-    step "$name: $impl" "$cap" "$PY" -m crossent.bench --device cuda "$@" --impls "$impl" \
+    step "$name: $impl" "$cap" "$PY" -m crossent.tools.bench --device cuda "$@" --impls "$impl" \
       --csv "$OUT/bench_$(printf %02d "$n").csv" 2>&1 | tail -6
   done
 }

@@ -180,18 +180,18 @@ def test_a_kernel_that_does_not_compile_fails_the_check(tmp_path):
 
 def test_gpu_check_script_parses_and_uses_existing_bench_options():
     """``benchmarks/gpu_check.sh`` cannot run here (no GPU): it parses, and every option it gives
-    ``python -m crossent.bench`` exists."""
+    ``python -m crossent.tools.bench`` exists."""
     script = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
     p = subprocess.run(["bash", "-n", script], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     text = open(script).read().replace("\\\n", " ")
     used = set()
     for line in text.splitlines():
-        if "crossent.bench" in line or line.lstrip().startswith("bench "):
+        if "crossent.tools.bench" in line or line.lstrip().startswith("bench "):
             used |= set(re.findall(r"(?<![\w-])(--[A-Za-z][\w-]*)", line))
     assert {"--kinds", "--dtype", "--N", "--V", "--impls", "--csv"} <= used, used
-    h = subprocess.run([sys.executable, "-m", "crossent.bench", "--help"], env=_env(), cwd=ROOT,
+    h = subprocess.run([sys.executable, "-m", "crossent.tools.bench", "--help"], env=_env(), cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert h.returncode == 0, h.stderr[-2000:]
     missing = [o for o in sorted(used) if not re.search(rf"(?<![\w-]){re.escape(o)}\b", h.stdout)]
-    assert not missing, f"gpu_check.sh gives crossent.bench options it does not have: {missing}"
+    assert not missing, f"gpu_check.sh gives crossent.tools.bench options it does not have: {missing}"

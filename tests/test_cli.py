@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 import crossent
-from crossent import bench, cli
+from crossent.tools import bench, cli
 
 
 def test_seed_rows_show_torch_failing_where_crossent_answers():
@@ -252,7 +252,7 @@ def test_skip_reasons_name_the_cause(monkeypatch):
 
 # --------------------------------------------------------------------------- crossent demo, language model
 
-from crossent import demo_lm  # noqa: E402
+from crossent.tools import demo_lm  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -18,10 +18,10 @@ from .distributed import (agree_after, agree_before, copy_to_vocab_parallel, dat
                           vocab_parallel_terms, world_size)
 from .config import value_checks
 from .impl.common import acc_dtype
-from .impl.registry import IMPLS, check_supported, resolve
+from .impl.registry import check_supported, resolve
 from .ops import (FusedCall, LinearCall, check_inplace, check_not_overwritten, fused_cross_entropy,
                   fused_linear_cross_entropy, mark_overwritten)
-from .options import Options, check_chunk_size, check_flag, check_shift, check_target_format, make_options
+from .options import Options, check_chunk_size, check_impl, check_flag, check_shift, check_target_format, make_options
 from .reduction import plan_reduction
 from .targets import (ProbsTarget, SparseTarget, Target, _fmt, check_after, class_dim, normalize_target,
                       promoted_dtype)
@@ -176,8 +176,7 @@ def cross_entropy(input: Tensor, target, weight: Optional[Tensor] = None, ignore
         if input.shape[cdim] == 0 and process_group is None:  # a vocab-parallel rank may hold no classes
             raise ValueError(f"input {list(input.shape)} has 0 classes at dim {cdim}")
         check_target_format(target_format)
-        if impl not in IMPLS:
-            raise ValueError(f"impl={impl!r} is not one of {', '.join(repr(i) for i in IMPLS)}")
+        check_impl(impl)
         classes = None if process_group is not None else input.shape[cdim]  # vocab-parallel: [C_r] or [C]
         return cdim, make_options(classes=classes, device=input.device, weight=weight,
                                   ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,

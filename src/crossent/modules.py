@@ -7,8 +7,8 @@ from typing import Optional
 from torch import Tensor, nn
 
 from .functional import cross_entropy, linear_cross_entropy
-from .options import (check_chunk_size, check_ignore_index, check_label_smoothing, check_reduction, check_shift,
-                      check_softcap, check_target_format, check_z_loss)
+from .options import (check_chunk_size, check_ignore_index, check_impl, check_label_smoothing, check_reduction,
+                      check_shift, check_softcap, check_target_format, check_z_loss)
 
 __all__ = ["CrossEntropyLoss", "LinearCrossEntropyLoss"]
 
@@ -16,11 +16,8 @@ __all__ = ["CrossEntropyLoss", "LinearCrossEntropyLoss"]
 def _check_module_options(reduction, label_smoothing, z_loss, softcap, target_format, ignore_index, impl,
                           shift=False) -> None:
     """Fail at construction, not at the first forward (the functions check everything again)."""
-    from .impl.registry import IMPLS
-
     check_ignore_index(ignore_index, allow_none=True)
-    if impl not in IMPLS:
-        raise ValueError(f"impl={impl!r} is not one of {', '.join(repr(i) for i in IMPLS)}")
+    check_impl(impl)
     check_shift(shift)
     check_reduction(reduction)
     check_label_smoothing(label_smoothing)

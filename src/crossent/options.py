@@ -30,10 +30,11 @@ try:
 except ImportError:  # numpy is optional
     np_bool = bool
 
-__all__ = ["Options", "make_options", "REDUCTIONS", "TARGET_FORMATS"]
+__all__ = ["Options", "make_options", "REDUCTIONS", "TARGET_FORMATS", "IMPL_NAMES", "check_impl"]
 
 REDUCTIONS = ("none", "mean", "sum")
 TARGET_FORMATS = ("auto", "index", "one_hot", "probs", "sparse")
+IMPL_NAMES = ("auto", "torch", "chunked", "triton")  # what impl= takes; impl.registry resolves each
 
 
 @dataclass(frozen=True, eq=False)
@@ -110,6 +111,13 @@ def check_reduction(value) -> str:
         return "mean"
     if value not in REDUCTIONS:
         raise ValueError(f"reduction={value!r} is not one of 'none', 'mean', 'sum'")
+    return value
+
+
+def check_impl(value) -> str:
+    """``impl=``: one of :data:`IMPL_NAMES` (the one home of this check)."""
+    if value not in IMPL_NAMES:
+        raise ValueError(f"impl={value!r} is not one of {', '.join(repr(i) for i in IMPL_NAMES)}")
     return value
 
 

@@ -27,12 +27,13 @@ from typing import List
 import torch
 
 from ..config import triton_interpreted
+from ..options import IMPL_NAMES, check_impl
 from . import chunked, reference
 from . import triton as triton_impl  # imports no triton: its launchers do, at their first call
 
 __all__ = ["IMPLS", "Resolved", "resolve", "explain"]
 
-IMPLS = ("auto", "torch", "chunked", "triton")
+IMPLS = IMPL_NAMES  # the names impl= takes (options.check_impl is their one check)
 _MODULES = {"torch": reference, "chunked": chunked, "triton": triton_impl}
 
 
@@ -65,8 +66,7 @@ def resolve(impl: str, device: torch.device, dtype: torch.dtype, tensors=()) -> 
     """Resolve ``impl`` (``"auto"`` | ``"torch"`` | ``"chunked"`` | ``"triton"``) for tensors of ``dtype`` on
     ``device``; raises a clear error for a combination that cannot run. ``tensors``: the differentiable
     inputs, looked at for forward-mode AD tangents (``torch.autograd.forward_ad``)."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl={impl!r} is not one of {', '.join(repr(i) for i in IMPLS)}")
+    check_impl(impl)
     if impl == "torch":
         return Resolved("torch", "asked for: the reference (plain torch ops, autograd)")
     if _has_tangent(tensors):

@@ -108,7 +108,7 @@ def demo(epochs: int = 40, part: str = "all", lm_seconds: float = 50.0, lm_vocab
     """``crossent demo``: the seed example beside PyTorch and a classifier trained with one-hot
     targets (part ``"classifier"``), then a small language model trained twice, with
     materialised logits and with ``linear_cross_entropy`` (part ``"lm"``,
-    :func:`crossent.demo_lm.lm_demo`).
+    :func:`crossent.tools.demo_lm.lm_demo`).
 
     Args:
         epochs (int): epochs of the classifier. Default: 40.
@@ -151,9 +151,9 @@ def info() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from .bench import machine
-    from .config import CONFIG
-    from .impl.registry import explain, resolve
+    from ..config import CONFIG
+    from ..impl.registry import explain, resolve
+    from .machine import machine
 
     t = Table(title=f"crossent {crossent.__version__}")
     t.add_column("")

@@ -17,7 +17,6 @@ import datetime
 import gc
 import json
 import os
-import platform
 import shlex
 import shutil
 import statistics
@@ -30,6 +29,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from .machine import machine
 
 # --------------------------------------------------------------------------- memory
 
@@ -49,24 +50,6 @@ def _reset_hwm() -> bool:
         return True
     except OSError:
         return False
-
-
-def machine() -> str:
-    """One line naming the machine: CPU model and cores, or the GPU; torch version."""
-    if torch.cuda.is_available():
-        dev = torch.cuda.get_device_name()
-    else:
-        model = platform.processor() or "cpu"
-        try:
-            with open("/proc/cpuinfo") as f:
-                for line in f:
-                    if line.startswith("model name"):
-                        model = line.split(":", 1)[1].strip()
-                        break
-        except OSError:
-            pass
-        dev = f"{model}, {os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}"
-    return f"{dev}; torch {torch.__version__}; python {platform.python_version()}"
 
 
 # --------------------------------------------------------------------------- cases
@@ -320,7 +303,7 @@ def sweep_worker(impl: str, kind: str, N: int, Vs: List[int], dtype: str, device
 
 
 def _worker(impl, kind, N, V, dtype, device, reps, H, warmup, env=None) -> Optional[Dict]:
-    cmd = [sys.executable, "-m", "crossent.bench", "--worker", impl, kind, str(N), str(V), dtype, device, str(reps),
+    cmd = [sys.executable, "-m", "crossent.tools.bench", "--worker", impl, kind, str(N), str(V), dtype, device, str(reps),
            str(H), str(warmup)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -452,7 +435,7 @@ def skip_reason(impl: str, kind: str, device: str) -> Optional[str]:
         if base == "probs":
             return "Liger-Kernel takes class indices only"
     if impl.startswith("triton") and not cuda:
-        from .config import triton_interpreted
+        from ..config import triton_interpreted
 
         if not triton_interpreted():
             return "crossent's triton kernels need CUDA (or TRITON_INTERPRET=1)"
@@ -476,7 +459,7 @@ def _skipped(impl: str, kind: str, N: int, H: int, V: int, dtype: str, device: s
 def _sweep_process(impl, kind, N, Vs, dtype, device, reps, H, warmup, tick, threads=None) -> Dict[int, Dict]:
     """:func:`sweep_worker` in a fresh process; ``tick()`` after each of its measurements.
     Returns the rows by V; a size that failed has a row with ``note`` saying why."""
-    cmd = [sys.executable, "-m", "crossent.bench", "--sweep-worker", impl, kind, str(N), ",".join(map(str, Vs)),
+    cmd = [sys.executable, "-m", "crossent.tools.bench", "--sweep-worker", impl, kind, str(N), ",".join(map(str, Vs)),
            dtype, device, str(reps), str(H), str(warmup)]
     rows: Dict[int, Dict] = {}
     with tempfile.TemporaryFile("w+") as errf:  # a file, not a pipe: a chatty worker cannot block on it
