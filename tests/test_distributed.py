@@ -502,3 +502,56 @@ def test_a_one_rank_stand_in_group_without_init_is_one_device():
     x, y = torch.randn(4, 5, dtype=torch.float64), torch.tensor([0, 1, 4, 2])
     got = crossent.cross_entropy(x, y, process_group=_StandInGroup())
     assert torch.allclose(got, torch.nn.functional.cross_entropy(x, y), rtol=1e-12)
+
+
+def _linear_hostile(rank: int, world: int):
+    """What the second hostile probe found in vocab-parallel linear CE, each as one device behaves."""
+    from crossent.config import CONFIG
+
+    W = dist.group.WORLD
+    g = torch.Generator().manual_seed(21)
+    C, H = 13, 6
+    lo, hi = (0, 6) if rank == 0 else (6, C)
+    h = torch.randn(2, 5, H, generator=g, dtype=torch.float64)
+    Wt = torch.randn(C, H, generator=g, dtype=torch.float64)
+    y = torch.randint(0, C, (2, 5), generator=g)
+    # 1. one rank refuses its target while inputs require grad: every rank raises, none hangs
+    bad = y.clone()
+    if rank == 1:
+        bad[0, 0] = C
+    hh = h.clone().requires_grad_(True)
+    with pytest.raises(ValueError, match="out of range" if rank == 1 else r"rank\(s\) \[1\] refused its target"):
+        crossent.linear_cross_entropy(hh, Wt[lo:hi], bad, process_group=W)
+    # 2. ranks whose default chunk budgets differ run the same chunks (the least budget): no collective mismatch
+    real = CONFIG.linear_chunk_bytes
+    CONFIG.linear_chunk_bytes = 4 * 7 * 32 if rank == 0 else 4 * 7 * 64  # 32 vs 64 rows of the largest shard
+    try:
+        big = torch.randn(100, H, generator=g, dtype=torch.float64)
+        yb = torch.randint(0, C, (100,), generator=g)
+        got = crossent.linear_cross_entropy(big, Wt[lo:hi], yb, process_group=W)
+        assert torch.allclose(got, torch.nn.functional.cross_entropy(big @ Wt.T, yb), rtol=1e-12)
+    finally:
+        CONFIG.linear_chunk_bytes = real
+    # 3. create_graph=True: a clear error, never a silently dropped second-order term
+    hh = h.clone().requires_grad_(True)
+    loss = crossent.linear_cross_entropy(hh, Wt[lo:hi].clone().requires_grad_(True), y, process_group=W)
+    with pytest.raises(RuntimeError, match="second derivative"):
+        torch.autograd.grad(loss, hh, create_graph=True)
+    # 4. reduce_input_grad that differs between ranks: every rank raises in the forward (no hang in the backward)
+    with pytest.raises(ValueError, match="different options"):
+        crossent.linear_cross_entropy(h, Wt[lo:hi], y, process_group=W, reduce_input_grad=rank == 0)
+    # 5. a +inf logit: the row's loss is NaN, as torch's log_softmax gives
+    b = torch.zeros(C, dtype=torch.float64)
+    b[0] = float("inf")
+    got = crossent.linear_cross_entropy(h, Wt[lo:hi], y, b[lo:hi], reduction="none", process_group=W)
+    ref = torch.nn.functional.cross_entropy((h @ Wt.T + b).reshape(-1, C), y.reshape(-1), reduction="none")
+    assert torch.equal(torch.isnan(got.reshape(-1)), torch.isnan(ref)), (got, ref)
+    # 6. float32 hidden states with float64 probabilities compute in float64, as on one device
+    q = torch.softmax(torch.randn(2, 5, C, generator=g, dtype=torch.float64), -1)
+    got = crossent.linear_cross_entropy(h.float(), Wt[lo:hi].float(), q, process_group=W)
+    one = crossent.linear_cross_entropy(h.float(), Wt.float(), q)
+    assert got.dtype == one.dtype == torch.float64 and torch.allclose(got, one, rtol=1e-12)
+
+
+def test_vocab_parallel_linear_hostile_cases(tmp_path):
+    _run_ranks(_linear_hostile, 2, tmp_path, deadline_s=150)

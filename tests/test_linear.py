@@ -361,3 +361,25 @@ def test_shift_past_the_sequence_gives_no_position(impl):
                 torch.testing.assert_close(loss, ref, equal_nan=True)
             loss.sum().backward()
             assert not h.grad.any() and not W.grad.any()
+
+
+def test_k_dim_linear_weight_with_options_warns_and_ignores_them_as_torch():
+    """torch ignores LinearCrossEntropyOptions for a K-dimensional linear_weight (with a warning):
+    crossent too, with torch's result (was a ValueError)."""
+    import warnings
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    W = torch.randn(3, 2, 4, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    y = torch.randint(0, 3, (5, 2, 4), generator=g)
+    opts = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=2)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        ours = crossent.linear_cross_entropy(x, W, y, options=opts)
+    assert any("ignored" in str(w.message) for w in seen)
+    ref = torch.nn.functional.linear_cross_entropy(x, W, y)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=0)
+    ga = torch.autograd.grad(ours, (x, W))
+    gb = torch.autograd.grad(ref, (x, W))
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -2,24 +2,31 @@
 contiguous shard of the vocabulary (ranks in order, shards possibly uneven); every rank gets the
 loss over the full vocabulary and the gradient of its own shard.
 
-Every call starts with one all-gather of a few int64 numbers per rank: classes, positions, a refusal
-flag, a fingerprint of the options, and, while value checks are on, fingerprints of the targets and
-of the hidden states (linear) and the value of ``num_items``, plus the class weight's length. Ranks
-that disagree on any of them, or a rank that refused its arguments, make every rank raise (never a
-hang, never a different "global" loss per rank). The forward then needs two collectives of O(N)
-numbers, never O(N V):
+Every call starts with one all-gather of a few int64 numbers per rank (:func:`shard_sizes`):
+classes, positions, a refusal flag, a fingerprint of the options, and, while value checks are on,
+fingerprints of the targets, the hidden states (linear) and the full class weights and the value of
+``num_items``; also the class weight's length, a float target's width and the rank's chunk budget
+(every rank takes the least). Ranks that disagree on any of them, or a rank that refused its
+arguments, make every rank raise (never a hang, never a different "global" loss per rank).
 
-1. an all-gather of each shard's ``(lse, max logit, argmax, refused)`` per position: the global
-   log-sum-exp is their logsumexp, the predicted class the first maximum;
-2. one all-reduce of a packed ``[N, 4]`` tensor: each shard's loss contribution
+Then, per chunk of rows (the same chunks on every rank), two collectives of O(chunk) numbers, never
+O(N V):
+
+1. an all-gather of each shard's ``(lse, max logit, argmax)`` per row and the refusal flag: the
+   global log-sum-exp is their logsumexp, the predicted class the first maximum;
+2. one all-reduce of a packed ``[chunk, 4]`` tensor: each shard's loss contribution
    ``T_r (lse - m_r) + sum_c t_c (m_r - x_c)`` (non-negative sums against the shard's max, so
    nothing cancels or underflows), its target mass ``T_r``, the class weight of the labels it owns
-   (the weighted-mean denominator) and a flag for labels out of range.
+   and a flag for labels out of range.
 
-Label smoothing spreads over the full vocabulary, class weights are this rank's shard (or the full
-weight, sliced here), and the gradient ``scale * (T p - t)`` (plus z-loss) is formed in the forward
-from the global ``lse``: the backward needs no collective. It runs through the same autograd
-Function as the fused impls.
+The chunk's gradient ``scale * (T p - t)`` (plus z-loss) follows at once from the global ``lse``,
+while the chunk is in cache: the shard's softmax numerators ``exp(x - m_r)``, already in the
+gradient buffer, rescaled by ``exp(m_r - lse)``. A weighted mean first sums the class weights each
+rank's labels own (one all-gather of two numbers per rank). Label smoothing spreads over the full
+vocabulary; class weights are this rank's shard (or the full weight, sliced here). The CE backward
+has no collective. Linear CE (:func:`vocab_parallel_linear`) does the same over row chunks of the
+shard's logits ``x W_r^T + b_r``, never all of them, and all-reduces the input gradient once in the
+backward.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .config import CONFIG, value_checks
-from .impl.common import RowTerms, acc_dtype, host_reads_free, linear_chunk_rows
+from .impl.common import RowTerms, acc_dtype, chunk_bytes, host_reads_free, refuse_double_backward
 from .options import Options
 from .reduction import Reduction, plan_reduction
 from .targets import (IndexTarget, ProbsTarget, SparseTarget, Target, _fmt, check_after, normalize_target,
@@ -56,14 +63,14 @@ def world_size(group) -> int:
     return dist.get_world_size(group)
 
 
-def _fingerprint(opts: Optional[Options], dtype, target_dtype=None) -> int:
+def _fingerprint(opts: Optional[Options], dtype, target_dtype=None, extra=()) -> int:
     """A number every rank must agree on: the options that change the loss, the logits' and the
     target's dtypes (which set the collectives' dtype) and the value-check setting."""
     if opts is None:
         return 0
     key = (opts.ignore_index, opts.reduction, opts.label_smoothing, opts.z_loss, opts.softcap,
            opts.weight is not None, opts.num_items is not None, opts.return_extras, str(dtype), str(target_dtype),
-           opts.inplace_backward, opts.chunk_size, value_checks())
+           opts.inplace_backward, opts.chunk_size, value_checks(), tuple(extra))
     return zlib.crc32(repr(key).encode())
 
 
@@ -108,9 +115,11 @@ class _Data:
     weight_len: int = -1
     target_width: int = -1
     weight: int = 0
+    budget: int = 0  # bytes of float32 logits per row chunk this rank proposes; every rank takes the least
 
 
-def _call_data(like, target, cdim: int, target_format: str, opts: Options, hidden_fp: int = 0) -> _Data:
+def _call_data(like, target, cdim: int, target_format: str, opts: Options, hidden_fp: int = 0,
+               budget: int = 0) -> _Data:
     """This rank's :class:`_Data`. A float target as wide as this shard may be its shard of the
     probabilities (decided after the exchange, which tells the global class count)."""
     width = -1
@@ -119,12 +128,13 @@ def _call_data(like, target, cdim: int, target_format: str, opts: Options, hidde
         width = target.shape[cdim]
     w_len = -1 if opts.weight is None else opts.weight.numel()
     if not value_checks():
-        return _Data(weight_len=w_len, target_width=width)
+        return _Data(weight_len=w_len, target_width=width, budget=budget)
     if isinstance(target, SparseTarget):
         tfp = data_fingerprint(target.indices, target.values)
     else:
         tfp = data_fingerprint(target) if isinstance(target, Tensor) else 0
-    return _Data(tfp, hidden_fp, _num_items_bits(opts.num_items), w_len, width, data_fingerprint(opts.weight))
+    return _Data(tfp, hidden_fp, _num_items_bits(opts.num_items), w_len, width, data_fingerprint(opts.weight),
+                 budget)
 
 
 def _num_items_bits(num_items) -> int:
@@ -164,16 +174,17 @@ def refuse_vocab_parallel(group, error: BaseException, input) -> None:
 
 
 def shard_sizes(group, classes: int, positions: int, device: torch.device, error: Optional[BaseException] = None,
-                opts: Optional[Options] = None, dtype=None, data: _Data = _Data(), target_dtype=None):
-    """``(classes, targets differ)``: every rank's number of classes (``[world]`` int64 on the host),
-    and whether the targets' fingerprints differ (raised after the target checks, so that a rank's
-    own refusal of its target is what every rank reports), from one all-gather of
+                opts: Optional[Options] = None, dtype=None, data: _Data = _Data(), target_dtype=None, extra=()):
+    """``(classes, targets differ, chunk budget)``: every rank's number of classes (``[world]`` int64
+    on the host), whether the targets' fingerprints differ (raised after the target checks, so that a
+    rank's own refusal of its target is what every rank reports) and the least chunk budget any rank
+    proposed (so that every rank runs the same chunks), from one all-gather of
     ``(classes, positions, refused, options, *data)`` per rank at every call (a few numbers; a cache
     could go stale between heads of different sizes). Ranks that disagree on the positions, the
     options or dtypes, the hidden states, ``num_items`` or the full class weights, or a rank that
     refused its arguments, make every rank raise instead of leaving the others waiting or returning
     different "global" losses."""
-    mine = torch.tensor([classes, positions, int(error is not None), _fingerprint(opts, dtype, target_dtype),
+    mine = torch.tensor([classes, positions, int(error is not None), _fingerprint(opts, dtype, target_dtype, extra),
                          *dataclasses.astuple(data)], dtype=torch.int64, device=device)
     everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(everyone, mine, group=group)
@@ -188,7 +199,8 @@ def shard_sizes(group, classes: int, positions: int, device: torch.device, error
     if bool((table[:, 3] != table[0, 3]).any()):
         raise ValueError("vocab-parallel cross_entropy: the ranks were called with different options or dtypes "
                          "(label_smoothing, z_loss, softcap, ignore_index, reduction, weight, num_items, "
-                         "return_extras, chunk_size, the logits' and the target's dtypes, value checks must agree): pass the "
+                         "return_extras, chunk_size, reduce_input_grad, the logits' and the target's dtypes, value checks must "
+                         "agree): pass the "
                          "same ones on every rank")
     for col, what in ((5, "hidden states"), (6, "num_items")):
         if bool((table[:, col] != table[0, col]).any()):
@@ -199,7 +211,7 @@ def shard_sizes(group, classes: int, positions: int, device: torch.device, error
     # compare the targets of the ranks that hold all of them (not a shard of the probabilities)
     full_t = (table[:, 8] != sizes) | (sizes == C)
     differ = bool(full_t.any()) and bool((table[full_t, 4] != table[full_t, 4][0]).any())
-    return sizes, differ
+    return sizes, differ, int(table[:, 10].min())
 
 
 def _differ(what: str) -> ValueError:
@@ -434,17 +446,18 @@ class _Agreed:
     targets_differ: bool
     acc: torch.dtype
     out_dtype: torch.dtype
+    budget: int  # bytes of float32 logits per row chunk, agreed
 
 
 def _agree(like: "_LikeLogits", cdim: int, target, target_format: str, opts: Options, group, out_dtype,
-           dtype: torch.dtype, hidden_fp: int = 0) -> _Agreed:
+           dtype: torch.dtype, hidden_fp: int = 0, budget: int = 0, extra=()) -> _Agreed:
     """The exchange, then the target checked against the global vocabulary (a refusal travels with the
     next collective) and the class weights cut to this rank's shard."""
     Cr, M = like.shape[cdim], math.prod(like.shape[:cdim] + like.shape[cdim + 1:])
-    data = _call_data(like, target, cdim, target_format, opts, hidden_fp)
+    data = _call_data(like, target, cdim, target_format, opts, hidden_fp, budget)
     tdtype = target.values.dtype if isinstance(target, SparseTarget) else getattr(target, "dtype", None)
-    sizes, targets_differ = shard_sizes(group, Cr, M, like.device, opts=opts, dtype=dtype, data=data,
-                                        target_dtype=tdtype)
+    sizes, targets_differ, budget = shard_sizes(group, Cr, M, like.device, opts=opts, dtype=dtype, data=data,
+                                                target_dtype=tdtype, extra=extra)
     rank = dist.get_rank(group)
     offset, C = int(sizes[:rank].sum()), int(sizes.sum())
     acc = acc_dtype(dtype)
@@ -460,7 +473,8 @@ def _agree(like: "_LikeLogits", cdim: int, target, target_format: str, opts: Opt
         promoted = promoted_dtype(dtype, tgt)
         acc = acc_dtype(promoted)
         out_dtype = promoted if out_dtype == dtype else out_dtype
-    return _Agreed(sizes, offset, C, opts, opts.class_weight(acc), tgt, error, targets_differ, acc, out_dtype)
+    return _Agreed(sizes, offset, C, opts, opts.class_weight(acc), tgt, error, targets_differ, acc, out_dtype,
+                   budget)
 
 
 @dataclass
@@ -516,7 +530,8 @@ def _combine_rows(a: _Agreed, st: _Stats, lt: "_LocalTargets", group, dev):
     part = torch.where(st.mass == 0, torch.zeros_like(st.mass), st.mass * (lse - st.ref)) + st.sums
     packed = torch.stack([part, st.mass, lt.owned_w, lt.bad.to(a.acc)], 1)  # a bad label anywhere: NaN everywhere
     dist.all_reduce(packed, group=group)
-    ce = packed[:, 0].masked_fill(packed[:, 3] > 0, float("nan"))
+    # a bad label anywhere, or a +inf / NaN logit in the row (torch's log_softmax is NaN there): NaN
+    ce = packed[:, 0].masked_fill((packed[:, 3] > 0) | torch.isnan(lse) | (lse == float("inf")), float("nan"))
     if lt.valid is not None:
         ce = torch.where(lt.valid, ce, torch.zeros_like(ce))
     z = None
@@ -547,16 +562,17 @@ def vocab_parallel_terms(input: Tensor, target, cdim: int, target_format: str, o
     P, Cr = math.prod(input.shape[:cdim]), input.shape[cdim]
     Q = math.prod(input.shape[cdim + 1:])
     dev = input.device
-    a = _agree(_LikeLogits(input.shape, dev), cdim, target, target_format, opts, group, out_dtype, input.dtype)
+    a = _agree(_LikeLogits(input.shape, dev), cdim, target, target_format, opts, group, out_dtype, input.dtype,
+               budget=16 * CONFIG.chunk_elements)
     lt = _local_targets(a.tgt, a.opts, a.w, a.offset, Cr, a.C, P * Q, a.acc, dev)
     pos_shape = torch.Size(input.shape[:cdim] + input.shape[cdim + 1:])
     red = _reduction_first(a, lt, group, pos_shape, dev)
-    chunk = max(1, (4 * CONFIG.chunk_elements) // max(1, int(a.sizes.max()) * Q))  # the same on every rank
+    chunk = max(1, a.budget // (4 * max(1, int(a.sizes.max()) * Q)))  # the same on every rank
     return _Shard(a, lt, group, chunk), a.tgt, red, (P, Cr, Q)
 
 
 def vocab_parallel_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], target, target_format: str,
-                          opts: Options, group, out_dtype: torch.dtype, hidden_fp: int = 0):
+                          opts: Options, group, out_dtype: torch.dtype, hidden_fp: int = 0, extra=()):
     """Vocab-parallel linear cross-entropy without this shard's ``[N, V_r]`` logits: ``x`` ``[..., H]``
     (replicated), ``weight`` / ``bias`` this rank's rows. Row chunks of the shard's logits, the same
     number on every rank; each chunk's two O(chunk) collectives give its global lse, and (for a
@@ -567,14 +583,17 @@ def vocab_parallel_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], tar
     pos_shape, H, Cr = x.shape[:-1], x.shape[-1], weight.shape[0]
     M, dev = math.prod(pos_shape), x.device
     like = _LikeLogits(tuple(pos_shape) + (Cr,), dev)
-    a = _agree(like, len(pos_shape), target, target_format, opts, group, out_dtype, x.dtype, hidden_fp)
+    a = _agree(like, len(pos_shape), target, target_format, opts, group, out_dtype, x.dtype, hidden_fp,
+               budget=chunk_bytes(dev), extra=extra)
     x2 = x.reshape(M, H)
     lt = _local_targets(a.tgt, a.opts, a.w, a.offset, Cr, a.C, M, a.acc, dev)
     red = _reduction_first(a, lt, group, torch.Size(pos_shape), dev)
-    n = linear_chunk_rows(M, int(a.sizes.max()), opts.chunk_size, dev)  # the same on every rank
+    # the same on every rank: an agreed budget, the largest shard
+    n = opts.chunk_size or max(32, a.budget // (4 * max(1, int(a.sizes.max()))))
+    n = max(1, min(n, max(M, 1)))
     wants = [t is not None and t.requires_grad for t in (x2, weight, bias)]
     grads = _Grads.zeros(x2, weight, bias, wants, a.acc) if torch.is_grad_enabled() and any(wants) \
-        and red.scalar else None
+        and red is not None and red.scalar else None  # red is None: this rank refused (raised in the first chunk)
     parts = []
     with torch.no_grad():
         for r0 in range(0, M, n) if M else (0,):
@@ -668,8 +687,13 @@ class _VocabParallelLinear(torch.autograd.Function):
         return plan.red.reduce(terms.ce, terms.z)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
+        refuse_double_backward("vocab-parallel linear_cross_entropy")  # create_graph=True: a clear error
+        with torch.no_grad():
+            return _VocabParallelLinear._gradients(ctx, grad)
+
+    @staticmethod
+    def _gradients(ctx, grad: Tensor):
         x2, weight, bias = ctx.saved_tensors
         plan = ctx.plan
         if plan.grads is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -407,43 +408,40 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target, linear_bi
         early = e  # vocab-parallel: raised on every rank, not on this one alone
     if process_group is not None or is_dtensor(linear_weight) or is_dtensor(input):
         weight, target, num_items = local_tensor(weight), local_tensor(target), local_tensor(num_items)
+    kw = dict(weight=weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+              target_format=target_format, z_loss=z_loss, softcap=softcap, num_items=num_items,
+              return_extras=return_extras)
     if is_dtensor(linear_weight) or is_dtensor(input):
         input, linear_weight, linear_bias, process_group, wrap = dtensor_linear_args(input, linear_weight,
                                                                                    linear_bias)
-        loss = linear_cross_entropy(input, linear_weight, target, linear_bias, local_tensor(weight), ignore_index,
-                                    reduction,
-                                    label_smoothing, shift=shift, target_format=target_format, z_loss=z_loss,
-                                    softcap=softcap, num_items=num_items, impl=impl, chunk_size=chunk_size,
-                                    process_group=process_group, return_extras=return_extras,
-                                    filter_eps=filter_eps, reduce_input_grad=reduce_input_grad)
+        loss = linear_cross_entropy(input, linear_weight, target, linear_bias, shift=shift, impl=impl,
+                                    chunk_size=chunk_size, process_group=process_group, filter_eps=filter_eps,
+                                    reduce_input_grad=reduce_input_grad, **kw)
         return (wrap(loss[0]), loss[1]) if return_extras else wrap(loss)
     if process_group is not None and world_size(process_group) > 1:
         if early is not None:
             refuse_vocab_parallel(process_group, early, input)
-        return _linear_vocab_parallel(input, linear_weight, target, linear_bias, shift,
-                                      process_group, reduce_input_grad,
-                                      chunk_size=chunk_size, filter_eps=filter_eps, target_format=target_format,
-                                      weight=weight, ignore_index=ignore_index,
-                                      reduction=reduction, label_smoothing=label_smoothing,
-                                      z_loss=z_loss, softcap=softcap,
-                                      num_items=num_items, return_extras=return_extras)
+        return _linear_vocab_parallel(input, linear_weight, target, linear_bias, shift, process_group,
+                                      reduce_input_grad, chunk_size=chunk_size, filter_eps=filter_eps, **kw)
     if early is not None:
         raise early
     if isinstance(linear_weight, Tensor) and linear_weight.dim() > 2:
-        if filter_eps is not None or chunk_size is not None:
-            raise ValueError("chunk_size, filter_eps and options.batch_chunk_size apply to a [V, H] linear_weight; "
-                             f"a K-dimensional one {_fmt(linear_weight.shape)} builds its logits: leave them unset")
-        return _linear_k_dim(input, linear_weight, target, linear_bias, shift=shift, weight=weight,
-                             ignore_index=-100 if ignore_index is None else ignore_index, reduction=reduction,
-                             label_smoothing=label_smoothing, target_format=target_format, z_loss=z_loss,
-                             softcap=softcap, num_items=num_items, impl=impl, process_group=process_group,
-                             return_extras=return_extras)
+        if filter_eps is not None or chunk_size is not None:  # as torch, which ignores its options there
+            warnings.warn("chunk_size, filter_eps and options.batch_chunk_size apply to a [V, H] linear_weight; a "
+                          f"K-dimensional one {_fmt(linear_weight.shape)} builds its logits: they are ignored",
+                          UserWarning, stacklevel=2)
+        kw["ignore_index"] = -100 if ignore_index is None else ignore_index
+        return _linear_k_dim(input, linear_weight, target, linear_bias, shift=shift, impl=impl,
+                             process_group=process_group, **kw)
+    return _linear_one_device(input, linear_weight, target, linear_bias, shift, impl, chunk_size, filter_eps, **kw)
+
+
+def _linear_one_device(input: Tensor, linear_weight: Tensor, target, linear_bias: Optional[Tensor], shift, impl: str,
+                       chunk_size, filter_eps, *, target_format: str, **kw):
+    """:func:`linear_cross_entropy` on one device: the fused impls' row chunks, or the reference."""
     V, H = _check_linear_args(input, linear_weight, linear_bias)
-    opts = make_options(classes=V, device=input.device, weight=weight, ignore_index=ignore_index,
-                        reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-                        num_items=num_items, return_extras=return_extras,
-                        chunk_size=chunk_size, filter_eps=filter_eps,
-                        ignore_index_none_ok=True)
+    opts = make_options(classes=V, device=input.device, chunk_size=chunk_size, filter_eps=filter_eps,
+                        ignore_index_none_ok=True, **kw)
     pos_shape, target, row_ids = _linear_positions(input, target, V, check_shift(shift))
     tgt = normalize_target(target, _Logits(pos_shape + (V,), input.device), len(pos_shape),
                            check_target_format(target_format), opts.ignore_index)
@@ -496,13 +494,20 @@ def _linear_vocab_parallel(input: Tensor, linear_weight: Tensor, target, linear_
     if shift:  # shift >= T: no position, as on one device (mean: NaN, sum: 0)
         x = x[..., :max(input.shape[-2] - shift, 0), :]
         target = _shifted_target(target, input.shape[:-1], shift)
-    x, lw, lb = _linear_promoted(x, linear_weight, linear_bias, None)
+    x, lw, lb = _linear_promoted(x, linear_weight, linear_bias, None, _soft_dtype(target))
     autocast_off, out_dtype = _autocast_off(x)
     with autocast_off:
         loss, terms, tgt = vocab_parallel_linear(x, lw, lb, target, target_format, opts, group, out_dtype,
-                                                 fingerprint)
+                                                 fingerprint, extra=(reduce_input_grad,))
     agree_after(group, tgt, target, loss)
     return _finish(loss, terms.lse, terms.z, terms.predicted, x.shape[:-1], tgt, target, opts, checked_after=True)
+
+
+def _soft_dtype(target) -> Optional[torch.dtype]:
+    """The dtype of a target's soft (float) values before it is typed (probabilities, a SparseTarget's
+    values), which PyTorch's type promotion reads; None for class indices."""
+    values = target.values if isinstance(target, SparseTarget) else target
+    return values.dtype if isinstance(values, Tensor) and values.dtype.is_floating_point else None
 
 
 def _linear_k_dim(input: Tensor, linear_weight: Tensor, target, linear_bias: Optional[Tensor], *, shift, **kw):
@@ -566,14 +571,17 @@ def _check_linear_args(input: Tensor, linear_weight: Tensor, linear_bias: Option
     return V, H
 
 
-def _linear_promoted(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], tgt: Target):
+def _linear_promoted(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], tgt: Optional[Target],
+                     soft: Optional[torch.dtype] = None):
     """The hidden states, weight and bias in one dtype: autocast's (as ``F.linear`` under autocast),
-    else promoted with probability targets (as ``cross_entropy`` promotes)."""
+    else promoted with probability targets (as ``cross_entropy`` promotes): the typed ``tgt``'s, or
+    ``soft``, the dtype of a target not yet typed (vocab-parallel)."""
     dev = input.device.type
     if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev) and input.dtype != torch.float64:
         dtype = torch.get_autocast_dtype(dev)  # autocast leaves float64 alone
     else:
-        dtype = promoted_dtype(input.dtype, tgt)
+        dtype = promoted_dtype(input.dtype, tgt) if tgt is not None else input.dtype
+        dtype = torch.promote_types(dtype, soft) if soft is not None and soft.is_floating_point else dtype
     x, lw, lb = [None if t is None else (t if t.dtype == dtype else t.to(dtype)) for t in (input, linear_weight, linear_bias)]
     return x, lw, None if lb is None else lb.contiguous()  # the fused impls read the bias as a dense [V]
 

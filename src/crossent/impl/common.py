@@ -10,7 +10,8 @@ from torch import Tensor
 
 from ..config import CONFIG
 
-__all__ = ["RowTerms", "LinearResult", "acc_dtype", "host_reads_free", "empty_gradient", "linear_chunk_rows"]
+__all__ = ["RowTerms", "LinearResult", "acc_dtype", "host_reads_free", "empty_gradient", "linear_chunk_rows", "chunk_bytes",
+           "refuse_double_backward"]
 
 
 class RowTerms(NamedTuple):
@@ -80,7 +81,7 @@ def _libc():
     return _LIBC[0]
 
 
-def _chunk_bytes(device: Optional[torch.device]) -> int:
+def chunk_bytes(device: Optional[torch.device]) -> int:
     """Bytes of float32 logits per row chunk: on CPU a tenth of what the eager computation holds at LM
     shapes, with matmuls still efficient; on CUDA GEMMs want thousands of rows, so more, at most 1/8
     of the free memory."""
@@ -94,8 +95,16 @@ def _chunk_bytes(device: Optional[torch.device]) -> int:
 
 def linear_chunk_rows(M: int, V: int, chunk_size: Optional[int] = None, device: Optional[torch.device] = None) -> int:
     """Rows per chunk: ``chunk_size`` if given, else what fits the device's chunk budget of float32
-    logits (``_chunk_bytes``), at least 32 rows (the weight-gradient update reads and writes all
+    logits (``chunk_bytes``), at least 32 rows (the weight-gradient update reads and writes all
     of ``[V, H]`` once per chunk, so tiny chunks would make it memory-bound)."""
     if chunk_size is not None:
         return max(1, min(int(chunk_size), max(M, 1)))
-    return max(1, min(max(M, 1), max(32, _chunk_bytes(device) // (4 * max(V, 1)))))
+    return max(1, min(max(M, 1), max(32, chunk_bytes(device) // (4 * max(V, 1)))))
+
+
+def refuse_double_backward(what: str) -> None:
+    """The fused impls form their gradient in the forward: no second derivative."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"crossent: {what} computes its gradient during the forward and cannot give a second derivative "
+            "(backward with create_graph=True); use impl='torch' for double backward")

@@ -30,14 +30,6 @@ def outputs(ctx, loss: Tensor, terms: RowTerms):
     return loss, terms.lse, zrows, terms.predicted
 
 
-def refuse_double_backward(what: str) -> None:
-    """The fused impls form their gradient in the forward: no second derivative."""
-    if torch.is_grad_enabled():
-        raise RuntimeError(
-            f"crossent: {what} computes its gradient during the forward and cannot give a second derivative "
-            "(backward with create_graph=True); use impl='torch' for double backward")
-
-
 def save_gradients(ctx, grads: Sequence[Optional[Tensor]]) -> None:
     """Keep the gradients formed in the forward for the backward.
 

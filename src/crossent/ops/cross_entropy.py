@@ -24,7 +24,8 @@ from ..options import Options
 from ..reduction import Reduction
 from ..targets import Target
 from .custom import compiled_cross_entropy, has_compiled_op
-from ._grads import outputs, refuse_double_backward, release_scaled, save_gradients
+from ..impl.common import refuse_double_backward
+from ._grads import outputs, release_scaled, save_gradients
 
 __all__ = ["FusedCall", "fused_cross_entropy", "check_inplace", "check_not_overwritten", "mark_overwritten"]
 

@@ -41,7 +41,7 @@ from ..impl.triton.launch import registered_op
 from ..options import Options
 from ..reduction import Reduction
 from ..targets import IndexTarget, ProbsTarget, Target, TopKTarget
-from ._grads import refuse_double_backward
+from ..impl.common import refuse_double_backward
 
 __all__ = ["compiled_cross_entropy", "compiled_linear_cross_entropy", "has_compiled_op", "OPS"]
 

@@ -22,7 +22,8 @@ from ..options import Options
 from ..reduction import Reduction
 from ..targets import Target
 from .custom import compiled_linear_cross_entropy, has_compiled_op
-from ._grads import outputs, refuse_double_backward, release_scaled, save_gradients
+from ..impl.common import refuse_double_backward
+from ._grads import outputs, release_scaled, save_gradients
 
 __all__ = ["LinearCall", "fused_linear_cross_entropy"]
 
