@@ -761,14 +761,21 @@ def test_p16_torchscript_is_refused_clearly():
         torch.jit.trace(crossent.CrossEntropyLoss(), (torch.randn(4, 5), torch.randint(0, 5, (4,))))
 
 
-@pytest.mark.parametrize("kw, exc", [
-    (dict(chunk_size=2), ValueError), (dict(filter_eps=1e-3), ValueError), (dict(options="garbage"), TypeError),
-    (dict(chunk_size=-3), ValueError),
-])
+@pytest.mark.parametrize("kw, exc", [(dict(options="garbage"), TypeError), (dict(chunk_size=-3), ValueError)])
 def test_p17_k_dim_linear_weight_validates_the_2d_options(kw, exc):
     x, W, t = torch.randn(5, 4), torch.randn(6, 3, 4), torch.randint(0, 6, (5, 3))
     with pytest.raises(exc):
         crossent.linear_cross_entropy(x, W, t, **kw)
+
+
+@pytest.mark.parametrize("kw", [dict(chunk_size=2), dict(filter_eps=1e-3)])
+def test_p17_k_dim_linear_weight_ignores_valid_2d_options_with_a_warning_as_torch(kw):
+    """Issue 18: torch ignores its options for a K-dimensional linear_weight, with a warning; so does crossent
+    (it refused them before), and the loss is torch's."""
+    x, W, t = torch.randn(5, 4), torch.randn(6, 3, 4), torch.randint(0, 6, (5, 3))
+    with pytest.warns(UserWarning, match="ignored"):
+        got = crossent.linear_cross_entropy(x, W, t, **kw)
+    torch.testing.assert_close(got, torch.nn.functional.linear_cross_entropy(x, W, t))
 
 
 @pytest.mark.parametrize("call, exc, match", [

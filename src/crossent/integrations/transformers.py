@@ -430,9 +430,9 @@ def _lora_head(model, layer):
             raise ValueError(f"{name}'s output layer uses a LoRA variant (DoRA or another lora_variant) for adapter "
                              f"{a!r}: crossent reproduces plain LoRA only. Fix: {_FIX_LOSS_FUNCTION}")
         loras.append((layer.lora_A[a], layer.lora_B[a], layer.lora_dropout[a], layer.scaling[a]))
-    if loras and base.through_module:
-        raise ValueError(f"{name}'s output layer is FSDP-sharded under its LoRA adapters: crossent does not "
-                         f"reproduce that combination. Fix: {_FIX_LOSS_FUNCTION}")
+    if loras and (base.through_module or is_dtensor(base.linear.weight)):
+        raise ValueError(f"{name}'s output layer is sharded (FSDP or tensor parallel) under its LoRA adapters: "
+                         f"crossent does not reproduce that combination. Fix: {_FIX_LOSS_FUNCTION}")
     return _Head(base.linear, tuple(loras))
 
 
