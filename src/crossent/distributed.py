@@ -74,6 +74,8 @@ def _fingerprint(opts: Optional[Options], dtype, target_dtype=None, extra=()) ->
     return zlib.crc32(repr(key).encode())
 
 
+_CACHE_ELEMENTS = 1 << 18  # logits per piece of the per-row statistics: 1 MiB of float32, in L2
+
 _MIX = [c - (1 << 64) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)]
 
 
@@ -291,7 +293,7 @@ class _Shard:
             if dst is None or dst.dtype != xs.dtype or not dst.is_contiguous():
                 dst = None
             # exp(xs - ref) lands in the gradient buffer (it may be the logits: read first, written last)
-            st, e = _Stats.of(x, xs, lc, out=dst)
+            st, e = _Stats.of(x, xs, lc, out=dst, want_arg=opts.return_extras)
             terms, lse, mass, _ = _combine_rows(self.a, st, lc, self.group, x3.device)
             parts.append(terms)
             if grad3 is None:
@@ -489,23 +491,38 @@ class _Stats:
     sums: Tensor  # sum_c t_c (ref - x_c)
 
     @staticmethod
-    def of(x: Tensor, xs: Tensor, lt: "_LocalTargets", out: Optional[Tensor] = None):
+    def of(x: Tensor, xs: Tensor, lt: "_LocalTargets", out: Optional[Tensor] = None, want_arg: bool = True):
         """``(stats, e)`` of rows ``x`` (the logits, ``[m, C_r]``; ``xs`` after softcap), with
         ``e = exp(xs - ref)`` written into ``out`` when given (it may be ``x`` itself: every read of
-        ``x`` comes first)."""
+        ``x`` comes first). In pieces of rows small enough to stay in cache between their passes. The
+        raw argmax is found only when ``want_arg`` (``predicted`` was asked for)."""
         m, Cr = x.shape
-        if Cr:
+        if not Cr:
+            inf = torch.full((m,), float("-inf"), dtype=x.dtype, device=x.device)
+            zero = torch.zeros_like(inf)
+            return _Stats(zero, inf, inf, torch.zeros(m, dtype=torch.long, device=x.device), zero, zero), \
+                x if out is None else out
+        e = out if out is not None else torch.empty_like(xs)
+        parts = []
+        step = max(1, _CACHE_ELEMENTS // Cr)
+        for r0 in range(0, m, step) if m else (0,):
+            parts.append(_Stats._piece(x[r0:r0 + step], xs[r0:r0 + step], lt.rows(r0, r0 + step),
+                                       e[r0:r0 + step], want_arg))
+        return (_Stats.cat(parts) if len(parts) != 1 else parts[0]), e
+
+    @staticmethod
+    def _piece(x: Tensor, xs: Tensor, lt: "_LocalTargets", e: Tensor, want_arg: bool) -> "_Stats":
+        m_r = torch.amax(xs, 1)
+        if want_arg:
             raw_max, raw_arg = torch.max(x, 1)
-            m_r = raw_max if xs is x else torch.amax(xs, 1)
-        else:
-            m_r = raw_max = torch.full((m,), float("-inf"), dtype=x.dtype, device=x.device)
-            raw_arg = torch.zeros(m, dtype=torch.long, device=x.device)
+        else:  # placeholders: the predicted class is not gathered
+            raw_max, raw_arg = m_r, torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         # the shard's max, 0 for a shard of -inf (a label there gives +inf, not -inf - -inf)
         ref = torch.where(torch.isfinite(m_r), m_r, torch.zeros_like(m_r))
-        T, d = lt.mass_and_sums(xs, ref) if Cr else (torch.zeros_like(m_r), torch.zeros_like(m_r))
-        e = torch.sub(xs, ref.unsqueeze(1), out=out) if out is not None else xs - ref.unsqueeze(1)
+        T, d = lt.mass_and_sums(xs, ref)
+        torch.sub(xs, ref.unsqueeze(1), out=e)
         lse = torch.where(torch.isinf(m_r), m_r, ref + torch.log(e.exp_().sum(1)))
-        return _Stats(ref, lse, raw_max, raw_arg, T, d), e
+        return _Stats(ref, lse, raw_max, raw_arg, T, d)
 
     @staticmethod
     def cat(parts) -> "_Stats":
@@ -600,7 +617,7 @@ def vocab_parallel_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], tar
             xc, lc = x2[r0:r0 + n], lt.rows(r0, r0 + n)
             z = torch.nn.functional.linear(xc, weight, bias).to(a.acc)
             th, xs = _softcapped(z, a.opts)
-            st, e = _Stats.of(z, xs, lc, out=z)  # exp(xs - ref) over the chunk's logits (read first)
+            st, e = _Stats.of(z, xs, lc, out=z, want_arg=a.opts.return_extras)  # exp(xs - ref) in z's place
             terms, lse, mass, _ = _combine_rows(a, st, lc, group, dev)
             parts.append((terms, lse, mass))
             if grads is not None:
