@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .config import CONFIG, value_checks
+from .config import value_checks
 from .impl.common import RowTerms, acc_dtype, chunk_bytes, host_reads_free, refuse_double_backward
 from .options import Options
 from .reduction import Reduction, plan_reduction
@@ -73,8 +73,6 @@ def _fingerprint(opts: Optional[Options], dtype, target_dtype=None, extra=()) ->
            opts.inplace_backward, opts.chunk_size, value_checks(), tuple(extra))
     return zlib.crc32(repr(key).encode())
 
-
-_CACHE_ELEMENTS = 1 << 18  # logits per piece of the per-row statistics: 1 MiB of float32, in L2
 
 _MIX = [c - (1 << 64) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)]
 
@@ -265,15 +263,15 @@ def _raise_if_refused(error: Optional[BaseException], refused: Tensor, what: str
 @dataclass
 class _Shard:
     """This rank's side of a vocab-parallel cross-entropy, handed to the fused autograd Function as its
-    impl. Per chunk of rows (the same number on every rank): the shard's statistics, the chunk's two
-    O(chunk) collectives and, when a gradient is wanted, the chunk's gradient from the global lse,
-    straight into the buffer while the chunk is in cache. One read of the shard and one write of its
-    gradient."""
+    impl. One pass over the shard gathers the per-row statistics and leaves the
+    softmax numerators ``exp(x - m_r)`` in the gradient buffer; after the two collectives, one more
+    pass over the buffer rescales them by ``exp(m_r - lse)`` into the gradient. Two collectives per
+    call, whatever N: a rank that another process holds up delays the others twice, not once per
+    chunk."""
 
     a: "_Agreed"
     lt: "_LocalTargets"
     group: object
-    chunk: int  # positions of dim 0 (P) per chunk
     NAME: str = "vocab-parallel"
 
     @property
@@ -283,26 +281,20 @@ class _Shard:
     def cross_entropy(self, x3: Tensor, tgt: Target, opts: Options, red: Reduction,
                       grad3: Optional[Tensor] = None) -> RowTerms:
         P, Cr, Q = x3.shape
-        parts = []
-        for p0 in range(0, P, self.chunk) if P else (0,):
-            p1 = min(P, p0 + self.chunk)
-            x = _rows(x3[p0:p1].detach(), self.a.acc)
-            th, xs = _softcapped(x, opts)
-            lc = self.lt.rows(p0 * Q, p1 * Q)
-            dst = grad3[p0:p1, :, 0] if grad3 is not None and Q == 1 else None
-            if dst is None or dst.dtype != xs.dtype or not dst.is_contiguous():
-                dst = None
-            # exp(xs - ref) lands in the gradient buffer (it may be the logits: read first, written last)
-            st, e = _Stats.of(x, xs, lc, out=dst, want_arg=opts.return_extras)
-            terms, lse, mass, _ = _combine_rows(self.a, st, lc, self.group, x3.device)
-            parts.append(terms)
-            if grad3 is None:
-                continue
-            g, zc = _row_scales(lc, lse, opts, red, 1.0)
-            p = _shard_grad(e, lse, mass, lc, th, g, zc, ref=st.ref)
+        x = _rows(x3.detach(), self.a.acc)
+        th, xs = _softcapped(x, opts)
+        dst = grad3[:, :, 0] if grad3 is not None and Q == 1 else None
+        if dst is None or dst.dtype != xs.dtype or not dst.is_contiguous():
+            dst = None
+        # exp(xs - ref) lands in the gradient buffer (it may be the logits: read first, then written)
+        st, e = _Stats.of(x, xs, self.lt, out=dst, want_arg=opts.return_extras)
+        terms, lse, mass, _ = _combine_rows(self.a, st, self.lt, self.group, x3.device)
+        if grad3 is not None:
+            g, zc = _row_scales(self.lt, lse, opts, red, 1.0)
+            p = _shard_grad(e, lse, mass, self.lt, th, g, zc, ref=st.ref)
             if dst is None:
-                grad3[p0:p1].copy_(p.reshape(p1 - p0, Q, Cr).transpose(1, 2))
-        return RowTerms(*[None if parts[0][i] is None else torch.cat([t[i] for t in parts]) for i in range(4)])
+                grad3.copy_(p.reshape(P, Q, Cr).transpose(1, 2))
+        return terms
 
 
 def _row_scales(lt: "_LocalTargets", lse: Tensor, opts: Options, red: Reduction, upstream) -> Tuple[Tensor, Tensor]:
@@ -494,35 +486,26 @@ class _Stats:
     def of(x: Tensor, xs: Tensor, lt: "_LocalTargets", out: Optional[Tensor] = None, want_arg: bool = True):
         """``(stats, e)`` of rows ``x`` (the logits, ``[m, C_r]``; ``xs`` after softcap), with
         ``e = exp(xs - ref)`` written into ``out`` when given (it may be ``x`` itself: every read of
-        ``x`` comes first). In pieces of rows small enough to stay in cache between their passes. The
-        raw argmax is found only when ``want_arg`` (``predicted`` was asked for)."""
+        ``x`` comes first). The raw argmax is found only when ``want_arg`` (``predicted`` was asked
+        for); otherwise its places hold the max and 0. (Pieces of rows sized for the cache measured
+        slower here: the per-piece op overhead costs more than the cache saves.)"""
         m, Cr = x.shape
         if not Cr:
             inf = torch.full((m,), float("-inf"), dtype=x.dtype, device=x.device)
             zero = torch.zeros_like(inf)
             return _Stats(zero, inf, inf, torch.zeros(m, dtype=torch.long, device=x.device), zero, zero), \
                 x if out is None else out
-        e = out if out is not None else torch.empty_like(xs)
-        parts = []
-        step = max(1, _CACHE_ELEMENTS // Cr)
-        for r0 in range(0, m, step) if m else (0,):
-            parts.append(_Stats._piece(x[r0:r0 + step], xs[r0:r0 + step], lt.rows(r0, r0 + step),
-                                       e[r0:r0 + step], want_arg))
-        return (_Stats.cat(parts) if len(parts) != 1 else parts[0]), e
-
-    @staticmethod
-    def _piece(x: Tensor, xs: Tensor, lt: "_LocalTargets", e: Tensor, want_arg: bool) -> "_Stats":
         m_r = torch.amax(xs, 1)
         if want_arg:
             raw_max, raw_arg = torch.max(x, 1)
         else:  # placeholders: the predicted class is not gathered
-            raw_max, raw_arg = m_r, torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+            raw_max, raw_arg = m_r, torch.zeros(m, dtype=torch.long, device=x.device)
         # the shard's max, 0 for a shard of -inf (a label there gives +inf, not -inf - -inf)
         ref = torch.where(torch.isfinite(m_r), m_r, torch.zeros_like(m_r))
         T, d = lt.mass_and_sums(xs, ref)
-        torch.sub(xs, ref.unsqueeze(1), out=e)
+        e = torch.sub(xs, ref.unsqueeze(1), out=out) if out is not None else xs - ref.unsqueeze(1)
         lse = torch.where(torch.isinf(m_r), m_r, ref + torch.log(e.exp_().sum(1)))
-        return _Stats(ref, lse, raw_max, raw_arg, T, d)
+        return _Stats(ref, lse, raw_max, raw_arg, T, d), e
 
     @staticmethod
     def cat(parts) -> "_Stats":
@@ -579,13 +562,10 @@ def vocab_parallel_terms(input: Tensor, target, cdim: int, target_format: str, o
     P, Cr = math.prod(input.shape[:cdim]), input.shape[cdim]
     Q = math.prod(input.shape[cdim + 1:])
     dev = input.device
-    a = _agree(_LikeLogits(input.shape, dev), cdim, target, target_format, opts, group, out_dtype, input.dtype,
-               budget=16 * CONFIG.chunk_elements)
+    a = _agree(_LikeLogits(input.shape, dev), cdim, target, target_format, opts, group, out_dtype, input.dtype)
     lt = _local_targets(a.tgt, a.opts, a.w, a.offset, Cr, a.C, P * Q, a.acc, dev)
     pos_shape = torch.Size(input.shape[:cdim] + input.shape[cdim + 1:])
-    red = _reduction_first(a, lt, group, pos_shape, dev)
-    chunk = max(1, a.budget // (4 * max(1, int(a.sizes.max()) * Q)))  # the same on every rank
-    return _Shard(a, lt, group, chunk), a.tgt, red, (P, Cr, Q)
+    return _Shard(a, lt, group), a.tgt, _reduction_first(a, lt, group, pos_shape, dev), (P, Cr, Q)
 
 
 def vocab_parallel_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], target, target_format: str,
