@@ -14,18 +14,10 @@ peft = pytest.importorskip("peft")
 
 from crossent.integrations import transformers as ct  # noqa: E402
 
-from test_transformers import V, assert_same_grads, batch, make, pair  # noqa: E402
+from test_transformers import V, _one_thread, assert_same_grads, batch, make, pair  # noqa: E402,F401 (fixture)
 
 logging.getLogger("transformers").setLevel(logging.ERROR)
 transformers.logging.set_verbosity_error()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _peft_pair(config):

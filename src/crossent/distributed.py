@@ -48,8 +48,10 @@ from .reduction import Reduction, plan_reduction
 from .targets import (IndexTarget, ProbsTarget, SparseTarget, Target, _fmt, check_after, normalize_target,
                       promoted_dtype)
 
-__all__ = ["agree_after", "agree_before", "data_fingerprint", "vocab_parallel_linear", "local_tensor", "world_size", "shard_sizes", "vocab_parallel_terms", "copy_to_vocab_parallel", "is_dtensor",
-           "dtensor_logits", "dtensor_linear_args"]
+__all__ = ["agree_after", "agree_before", "data_fingerprint", "vocab_parallel_linear", "local_tensor", "world_size",
+           "shard_sizes", "vocab_parallel_terms", "copy_to_vocab_parallel", "is_dtensor", "dtensor_logits",
+           "dtensor_linear_args"]
+
 
 def world_size(group) -> int:
     """The group's size. A group object that answers ``size()`` (a one-rank stand-in group, as
@@ -506,10 +508,6 @@ class _Stats:
         e = torch.sub(xs, ref.unsqueeze(1), out=out) if out is not None else xs - ref.unsqueeze(1)
         lse = torch.where(torch.isinf(m_r), m_r, ref + torch.log(e.exp_().sum(1)))
         return _Stats(ref, lse, raw_max, raw_arg, T, d), e
-
-    @staticmethod
-    def cat(parts) -> "_Stats":
-        return _Stats(*[torch.cat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(_Stats)])
 
 
 def _combine_rows(a: _Agreed, st: _Stats, lt: "_LocalTargets", group, dev):

@@ -10,8 +10,8 @@ from torch import Tensor
 
 from ..config import CONFIG
 
-__all__ = ["RowTerms", "LinearResult", "acc_dtype", "host_reads_free", "empty_gradient", "linear_chunk_rows", "chunk_bytes",
-           "refuse_double_backward"]
+__all__ = ["RowTerms", "LinearResult", "acc_dtype", "host_reads_free", "empty_gradient", "linear_chunk_rows",
+           "chunk_bytes", "refuse_double_backward"]
 
 
 class RowTerms(NamedTuple):
