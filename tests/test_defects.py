@@ -789,3 +789,23 @@ def test_p17_k_dim_linear_weight_ignores_valid_2d_options_with_a_warning_as_torc
 def test_p18_argument_checks(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+@pytest.mark.parametrize("impl", ["torch", "chunked", "triton"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_issue18_zero_classes_with_probabilities_are_torch_s(impl, reduction):
+    """Issue 18: logits and probabilities with 0 classes give PyTorch's result (NaN mean, 0 sum, zeros),
+    on every impl, with an empty gradient; class indices cannot be in range and are refused."""
+    x = torch.randn(5, 0, dtype=torch.float64, requires_grad=True)
+    q = torch.rand(5, 0, dtype=torch.float64)
+    got = crossent.cross_entropy(x, q, impl=impl, reduction=reduction)
+    ref = torch.nn.functional.cross_entropy(x, q, reduction=reduction)
+    assert got.shape == ref.shape and torch.equal(torch.isnan(got), torch.isnan(ref))
+    assert torch.equal(got.nan_to_num(), ref.nan_to_num().abs())
+    got.sum().backward()
+    assert x.grad.shape == (5, 0)
+    loss = crossent.CrossEntropyLoss(reduction=reduction, impl=impl)(torch.randn(3, 0, 4), torch.rand(3, 0, 4))
+    assert loss.shape == torch.nn.functional.cross_entropy(torch.randn(3, 0, 4), torch.rand(3, 0, 4),
+                                                           reduction=reduction).shape
+    with pytest.raises(ValueError, match="0 classes"):
+        crossent.cross_entropy(x, torch.zeros(5, dtype=torch.long), impl=impl)

@@ -174,8 +174,10 @@ def cross_entropy(input: Tensor, target, weight: Optional[Tensor] = None, ignore
         if not input.dtype.is_floating_point:
             raise TypeError(f"input must be floating logits, got {input.dtype}; use input.float()")
         cdim = class_dim(input, dim)
-        if input.shape[cdim] == 0 and process_group is None:  # a vocab-parallel rank may hold no classes
-            raise ValueError(f"input {list(input.shape)} has 0 classes at dim {cdim}")
+        no_probs = not (isinstance(target, Tensor) and target.dtype.is_floating_point and target.shape == input.shape)
+        if input.shape[cdim] == 0 and process_group is None and no_probs:  # a vocab-parallel rank may hold none
+            raise ValueError(f"input {list(input.shape)} has 0 classes at dim {cdim}: no class index can be in "
+                             "range (probabilities of the same shape are taken, as PyTorch takes them)")
         check_target_format(target_format)
         check_impl(impl)
         classes = None if process_group is not None else input.shape[cdim]  # vocab-parallel: [C_r] or [C]
@@ -188,6 +190,8 @@ def cross_entropy(input: Tensor, target, weight: Optional[Tensor] = None, ignore
         return _vocab_parallel(input, target, dim, target_format, checked, process_group)
     cdim, opts = checked()
     C = input.shape[cdim]
+    if C == 0:
+        return _no_classes(input, cdim, opts)
     tgt = normalize_target(target, input, cdim, check_target_format(target_format), opts.ignore_index)
     _guard_logits(input, tgt, opts)
     input = _promoted(input, tgt)
@@ -209,6 +213,22 @@ def cross_entropy(input: Tensor, target, weight: Optional[Tensor] = None, ignore
             terms = r.module.cross_entropy(input.reshape(shape3), tgt, opts, red)
             loss, lse, z, pred = red.reduce(terms.ce, terms.z), terms.lse, terms.z, terms.predicted
     return _finish(loss, lse, z, pred, pos_shape, tgt, target, opts)
+
+
+def _no_classes(input: Tensor, cdim: int, opts: Options):
+    """Logits and probabilities with no class, as PyTorch gives: every position's loss is 0 (a sum over
+    no class), so ``none`` gives zeros, ``sum`` 0 and ``mean`` NaN (PyTorch's 0 / 0); the gradient is
+    empty. ``num_items`` divides the 0 sum."""
+    ce = input.sum(cdim) * 0  # connected to the input, so backward gives its (empty) gradient
+    if opts.num_items is not None:
+        loss = ce.sum() / torch.as_tensor(opts.num_items, dtype=ce.dtype, device=ce.device)
+    else:
+        loss = {"none": ce, "sum": ce.sum(), "mean": ce.sum() * float("nan")}[opts.reduction]
+    if not opts.return_extras:
+        return loss
+    lse = torch.full(ce.shape, float("-inf"), dtype=ce.dtype, device=ce.device)
+    return loss, {"lse": lse, "z_loss": torch.zeros_like(lse),
+                  "predicted": torch.zeros(ce.shape, dtype=torch.long, device=ce.device)}
 
 
 def _vocab_parallel(input, target, dim, target_format: str, checked, group):
