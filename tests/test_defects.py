@@ -809,3 +809,25 @@ def test_issue18_zero_classes_with_probabilities_are_torch_s(impl, reduction):
                                                            reduction=reduction).shape
     with pytest.raises(ValueError, match="0 classes"):
         crossent.cross_entropy(x, torch.zeros(5, dtype=torch.long), impl=impl)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "triton"])
+@pytest.mark.parametrize("case", ["ce-none", "ce-sum", "ce-mean", "linear-sum", "linear-mean"])
+def test_issue18_batched_gradients_over_the_fused_backward(impl, case):
+    """Issue 18 item 4: vmap over the backward (is_grads_batched, as check_batched_grad does) reads no value
+    of the incoming gradient on the host: each batched gradient equals the one computed alone."""
+    kind, red = case.split("-")
+    g = torch.Generator().manual_seed(3)
+    y = torch.randint(0, 6, (4,), generator=g)
+    if kind == "ce":
+        ins = [torch.randn(4, 6, dtype=torch.float64, generator=g, requires_grad=True)]
+        loss = crossent.cross_entropy(ins[0], y, impl=impl, reduction=red)
+    else:
+        ins = [torch.randn(4, 5, dtype=torch.float64, generator=g, requires_grad=True),
+               torch.randn(6, 5, dtype=torch.float64, generator=g, requires_grad=True)]
+        loss = crossent.linear_cross_entropy(ins[0], ins[1], y, impl=impl, reduction=red)
+    go = torch.randn((3,) + loss.shape, dtype=torch.float64, generator=g)
+    batched = torch.autograd.grad(loss, ins, go, is_grads_batched=True, retain_graph=True)
+    for j, b in enumerate(batched):
+        alone = torch.stack([torch.autograd.grad(loss, ins, go[i], retain_graph=True)[j] for i in range(3)])
+        torch.testing.assert_close(b, alone, rtol=1e-12, atol=1e-14)

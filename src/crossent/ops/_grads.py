@@ -49,7 +49,8 @@ def release_scaled(ctx, go: Tensor) -> List[Optional[Tensor]]:
 
     When autograd frees the graph after this backward they are scaled in place
     and handed on (no second copy); with ``retain_graph`` they stay intact and
-    scaled copies are returned. ``go == 1`` on the CPU skips the multiply.
+    scaled copies are returned. ``go == 1`` on the CPU skips the multiply. A batched ``go`` (vmap over
+    the backward) is read by no host sync and scales functionally.
     """
     grads = ctx.grads
     if isinstance(grads, str):  # traced by torch.compile: functional scaling
@@ -57,7 +58,11 @@ def release_scaled(ctx, go: Tensor) -> List[Optional[Tensor]]:
     if grads is None:
         raise RuntimeError("crossent: this loss's saved gradient was already released; call backward with "
                            "retain_graph=True the first time to run backward through it twice")
-    one = go.dim() == 0 and host_reads_free(go) and float(go) == 1.0
+    try:
+        one = go.dim() == 0 and host_reads_free(go) and float(go) == 1.0
+    except RuntimeError:  # vmap over the backward (is_grads_batched, check_batched_grad): go has no value to
+        # read; scale functionally (the saved gradient is not batched, so nothing in place) and keep it
+        return [None if g is None else g * go.to(g.dtype) for g in grads]
     if keep_graph():
         return [None if g is None else (g.clone() if one else g * go.to(g.dtype)) for g in grads]
     ctx.grads = None
