@@ -88,8 +88,31 @@ def test_other_bad_arguments():
     raises(TypeError, "SparseTarget", args=(x, t), target_format="sparse")
     raises(TypeError, "integer", fn=SparseTarget, args=(torch.zeros(2, 1), torch.ones(2, 1)))
     raises(ValueError, "same shape", fn=SparseTarget, args=(torch.zeros(2, 1).long(), torch.ones(2, 2)))
-    raises(ValueError, "requires grad", "detach", args=(x, torch.rand(2, 3, requires_grad=True)), impl="chunked")
-    raises(ValueError, "weight requires grad", args=(x, t), weight=torch.ones(3, requires_grad=True), impl="chunked")
+
+
+@pytest.mark.parametrize("impl", ["chunked", "triton"])
+def test_targets_and_weights_that_require_grad_are_differentiated_not_refused(impl):
+    """Issue 18 item 3: torch differentiates probability targets; such a call (and class weights that
+    require grad) runs the reference, which differentiates them: the fused impls' refusal is gone."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    q = torch.softmax(torch.randn(4, 6, dtype=torch.float64, generator=g), 1).requires_grad_(True)
+    got = torch.autograd.grad(crossent.cross_entropy(x, q, impl=impl, label_smoothing=0.1), (x, q))
+    ref = torch.autograd.grad(torch.nn.functional.cross_entropy(x, q, label_smoothing=0.1), (x, q))
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    w = torch.rand(6, dtype=torch.float64, generator=g).requires_grad_(True)
+    y = torch.randint(0, 6, (4,), generator=g)
+    got = torch.autograd.grad(crossent.cross_entropy(x, y, weight=w, impl=impl), (x, w))
+    ref = torch.autograd.grad(crossent.cross_entropy(x, y, weight=w, impl="torch"), (x, w))
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    h = torch.randn(4, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    W = torch.randn(6, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    got = torch.autograd.grad(crossent.linear_cross_entropy(h, W, q, impl=impl), (h, W, q))
+    ref = torch.autograd.grad(torch.nn.functional.cross_entropy(h @ W.T, q), (h, W, q))
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
 def test_never_mutates_inputs():

@@ -195,7 +195,7 @@ def cross_entropy(input: Tensor, target, weight: Optional[Tensor] = None, ignore
     tgt = normalize_target(target, input, cdim, check_target_format(target_format), opts.ignore_index)
     _guard_logits(input, tgt, opts)
     input = _promoted(input, tgt)
-    r = resolve(impl, input.device, input.dtype, (input,))
+    r = resolve(impl, input.device, input.dtype, (input,), _reference_only(tgt, opts))
     check_supported(r, opts, tgt.requires_grad)
     shape3 = (math.prod(input.shape[:cdim]), C, math.prod(input.shape[cdim + 1:]))
     pos_shape = torch.Size(input.shape[:cdim] + input.shape[cdim + 1:])
@@ -261,6 +261,17 @@ def _vocab_parallel(input, target, dim, target_format: str, checked, group):
     agree_after(group, tgt, target, loss)  # a NaN probability on one rank: every rank raises
     return _finish(loss, lse, z, pred, torch.Size(input.shape[:cdim] + input.shape[cdim + 1:]), tgt, target,
                    opts, checked_after=True)
+
+
+def _reference_only(tgt: Target, opts: Options) -> str:
+    """What, of this call's inputs, requires grad though only the reference differentiates it ("" if
+    nothing): soft targets, class weights. Torch differentiates both; the fused impls form only the
+    logits' gradient, so such a call runs the reference."""
+    if not torch.is_grad_enabled():
+        return ""
+    what = [name for name, on in (("targets", tgt.requires_grad),
+                                  ("class weights", opts.weight is not None and opts.weight.requires_grad)) if on]
+    return " and ".join(what)
 
 
 def _guard_logits(input: Tensor, tgt: Target, opts: Options) -> None:
@@ -466,7 +477,7 @@ def _linear_one_device(input: Tensor, linear_weight: Tensor, target, linear_bias
     tgt = normalize_target(target, _Logits(pos_shape + (V,), input.device), len(pos_shape),
                            check_target_format(target_format), opts.ignore_index)
     x, lw, lb = _linear_promoted(input, linear_weight, linear_bias, tgt)
-    r = resolve(impl, x.device, x.dtype, (x, lw, lb))
+    r = resolve(impl, x.device, x.dtype, (x, lw, lb), _reference_only(tgt, opts))
     check_supported(r, opts, tgt.requires_grad)
     autocast_off, out_dtype = _autocast_off(x)
     with autocast_off:

@@ -62,13 +62,18 @@ def triton_available() -> bool:
     return True
 
 
-def resolve(impl: str, device: torch.device, dtype: torch.dtype, tensors=()) -> Resolved:
+def resolve(impl: str, device: torch.device, dtype: torch.dtype, tensors=(), differentiate: str = "") -> Resolved:
     """Resolve ``impl`` (``"auto"`` | ``"torch"`` | ``"chunked"`` | ``"triton"``) for tensors of ``dtype`` on
     ``device``; raises a clear error for a combination that cannot run. ``tensors``: the differentiable
-    inputs, looked at for forward-mode AD tangents (``torch.autograd.forward_ad``)."""
+    inputs, looked at for forward-mode AD tangents (``torch.autograd.forward_ad``). ``differentiate``
+    names inputs that require grad and that only the reference differentiates (soft targets, class
+    weights): such a call runs the reference."""
     check_impl(impl)
     if impl == "torch":
         return Resolved("torch", "asked for: the reference (plain torch ops, autograd)")
+    if differentiate:
+        return Resolved("torch", f"impl={impl!r} with {differentiate} that require grad: the reference, which "
+                                 "differentiates them as torch does (the fused impls form only the logits' gradient)")
     if _has_tangent(tensors):
         return Resolved("torch", f"impl={impl!r} with forward-mode AD tangents (torch.autograd.forward_ad): the "
                                  "reference, which forward AD differentiates like torch's own", transformed=True)
