@@ -150,3 +150,36 @@ def test_checks_off_gives_nan_not_crash():
             assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all()
     finally:
         crossent.set_checks(prev)
+
+
+@pytest.mark.parametrize("case", ["oob", "negative", "batch", "probs_shape", "float_index_shape", "weight_len",
+                                  "label_smoothing", "int_input", "zero_dim", "k_dim"])
+def test_errors_are_also_the_type_torch_raises(case):
+    """Issue 18 item 6: code written for torch (``except RuntimeError:``, ``except IndexError:``) keeps
+    working: each error is crossent's ValueError/TypeError and an instance of what torch raises there."""
+    x, t, kw = torch.randn(3, 5), torch.tensor([0, 1, 2]), {}
+    if case == "oob":
+        t = torch.tensor([0, 1, 7])
+    elif case == "negative":
+        t = torch.tensor([0, 1, -3])
+    elif case == "batch":
+        t = torch.tensor([0, 1])
+    elif case == "probs_shape":
+        t = torch.rand(3, 4)
+    elif case == "float_index_shape":
+        t = torch.rand(3)
+    elif case == "weight_len":
+        kw = dict(weight=torch.ones(4))
+    elif case == "label_smoothing":
+        kw = dict(label_smoothing=1.2)  # raised at call time, as torch does
+    elif case == "int_input":
+        x = torch.randint(0, 3, (3, 5))
+    elif case == "zero_dim":
+        x, t = torch.tensor(1.0), torch.tensor(0)
+    else:
+        x, t = torch.randn(2, 5, 4), torch.randint(0, 5, (2, 3))
+    with pytest.raises(Exception) as theirs:
+        torch.nn.functional.cross_entropy(x, t, **kw)
+    with pytest.raises((ValueError, TypeError)) as ours:
+        crossent.cross_entropy(x, t, **kw)
+    assert isinstance(ours.value, type(theirs.value)), (type(ours.value).__mro__, type(theirs.value))

@@ -18,6 +18,7 @@ from .distributed import (agree_after, agree_before, copy_to_vocab_parallel, dat
                           dtensor_linear_args, is_dtensor, local_tensor, refuse_vocab_parallel, vocab_parallel_linear,
                           vocab_parallel_terms, world_size)
 from .config import value_checks
+from .errors import NotImplementedTypeError
 from .impl.common import acc_dtype
 from .impl.registry import check_supported, resolve
 from .ops import (FusedCall, LinearCall, check_inplace, check_not_overwritten, fused_cross_entropy,
@@ -172,7 +173,7 @@ def cross_entropy(input: Tensor, target, weight: Optional[Tensor] = None, ignore
         if not isinstance(input, Tensor):
             raise TypeError(f"input must be a tensor of logits, got {type(input).__name__}")
         if not input.dtype.is_floating_point:
-            raise TypeError(f"input must be floating logits, got {input.dtype}; use input.float()")
+            raise NotImplementedTypeError(f"input must be floating logits, got {input.dtype}; use input.float()")
         cdim = class_dim(input, dim)
         no_probs = not (isinstance(target, Tensor) and target.dtype.is_floating_point and target.shape == input.shape)
         if input.shape[cdim] == 0 and process_group is None and no_probs:  # a vocab-parallel rank may hold none

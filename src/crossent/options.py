@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .config import value_checks
+from .errors import RuntimeValueError
 
 try:
     from numpy import bool_ as np_bool
@@ -82,7 +83,7 @@ def check_label_smoothing(value) -> float:
     hint = "a number in [0, 1] (0 turns it off)"
     ls = _number(value, "label_smoothing", hint)
     if not 0.0 <= ls <= 1.0:
-        raise ValueError(f"label_smoothing={ls!r} must be {hint}")
+        raise RuntimeValueError(f"label_smoothing={ls!r} must be {hint}")
     return ls
 
 
@@ -183,7 +184,7 @@ def check_weight(weight: Optional[Tensor], classes: Optional[int], device: torch
             raise ValueError(f"{name} has shape {list(weight.shape)}: pass a 1-D tensor of class weights "
                              "(this rank's shard of them, or all of them)")
     elif weight.dim() != 1 or weight.numel() != classes:
-        raise ValueError(f"{name} has shape {list(weight.shape)} but the input has {classes} classes: "
+        raise RuntimeValueError(f"{name} has shape {list(weight.shape)} but the input has {classes} classes: "
                          f"pass a 1-D tensor of length {classes}")
     if not weight.dtype.is_floating_point:
         raise TypeError(f"{name} must be floating, got {weight.dtype}; use {name}.float()")

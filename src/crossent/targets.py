@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from .config import value_checks
+from .errors import IndexValueError, RuntimeTypeError, RuntimeValueError
 from .options import TARGET_FORMATS
 
 __all__ = ["SparseTarget", "IndexTarget", "ProbsTarget", "TopKTarget", "Target", "normalize_target",
@@ -260,7 +261,8 @@ def class_dim(input: Tensor, dim: int) -> int:
     if dim is None:
         raise TypeError(f"dim must be an int, got {type(dim_in).__name__} {dim_in!r}")
     if input.dim() == 0:
-        raise ValueError("input is a 0-dim tensor: cross_entropy needs logits with a class dim, e.g. [N, C] or [C]")
+        raise RuntimeValueError("input is a 0-dim tensor: cross_entropy needs logits with a class dim, e.g. [N, C] "
+                                "or [C]")
     if input.dim() == 1:
         if dim not in (0, 1, -1):
             raise ValueError(f"dim={dim} is out of range for a 1-dim (unbatched) input of shape {_fmt(input.shape)}")
@@ -327,18 +329,18 @@ def _detect_format(target: Tensor, shape: torch.Size, cdim: int) -> str:
     if target.shape == shape:
         return "probs" if floating else "one_hot"
     if target.shape == pos_shape and floating:
-        raise TypeError(
+        raise RuntimeTypeError(
             f"target is {target.dtype} with shape {_fmt(target.shape)}, the shape of class indices for input "
             f"{_fmt(shape)}: class indices must be integers, use target.long()")
     if target.shape == pos_shape and is_bool:
-        raise TypeError(
+        raise RuntimeTypeError(
             f"target is bool with shape {_fmt(target.shape)}, the shape of class indices: use target.long() "
             "for class indices, or give a bool one-hot target the input's shape")
     if target.dim() == len(shape) - 1 and len(shape) > 1:
-        raise ValueError(
+        raise RuntimeValueError(
             f"input is {_fmt(shape)} and target {_fmt(target.shape)}: with the class dim at dim={cdim}, "
             f"class indices must have shape {_fmt(pos_shape)}" + _shape_hint(shape, cdim, target.shape))
-    raise ValueError(
+    raise RuntimeValueError(
         f"input is {_fmt(shape)} (class dim {cdim}, {C} classes) and target {_fmt(target.shape)}: "
         f"expected class indices of shape {_fmt(pos_shape)} or one-hot/probabilities of shape {_fmt(shape)}"
         + _shape_hint(shape, cdim, target.shape))
@@ -458,7 +460,7 @@ def _check_classes(t: Tensor, C: int, ignore_index: int, name: str) -> None:
         if value < 0 or value == 255:
             hint += f"; if {value} marks padding{' (as in segmentation masks)' if value == 255 else ''}, " \
                     f"pass ignore_index={value}"
-        raise ValueError(f"{name} {value} at {where} is out of range for {C} classes ({hint})")
+        raise IndexValueError(f"{name} {value} at {where} is out of range for {C} classes ({hint})")
 
 
 def _check_nan(t: Tensor, name: str) -> None:
