@@ -113,6 +113,9 @@ def test_targets_and_weights_that_require_grad_are_differentiated_not_refused(im
     ref = torch.autograd.grad(torch.nn.functional.cross_entropy(h @ W.T, q), (h, W, q))
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    # in place cannot be had there: the error says why the reference runs
+    with pytest.raises(ValueError, match="inplace_backward.*targets that require grad"):
+        crossent.cross_entropy(x * 1.0, q, impl=impl, inplace_backward=True)
 
 
 def test_never_mutates_inputs():

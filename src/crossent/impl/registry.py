@@ -131,8 +131,9 @@ def explain(device: torch.device) -> List[str]:
 def check_supported(r: Resolved, opts, target_requires_grad: bool) -> None:
     """Options and inputs that only some impls take: a clear error where the resolved impl does not."""
     if opts.inplace_backward and not r.fused and not r.transformed:
+        why = "" if r.reason.startswith("asked for") else f" (this call runs impl='torch': {r.reason})"
         raise ValueError("inplace_backward=True needs a fused impl ('chunked' or 'triton'): impl='torch' "
-                         "differentiates with autograd and has no gradient to write in place")
+                         f"differentiates with autograd and has no gradient to write in place{why}")
     if opts.filter_eps is not None and r.name != "triton":
         raise ValueError(f"filter_eps applies to impl='triton' only (this call runs impl={r.name!r}, which is "
                          "always exact); leave filter_eps=None")
