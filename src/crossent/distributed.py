@@ -9,24 +9,22 @@ fingerprints of the targets, the hidden states (linear) and the full class weigh
 (every rank takes the least). Ranks that disagree on any of them, or a rank that refused its
 arguments, make every rank raise (never a hang, never a different "global" loss per rank).
 
-Then, per chunk of rows (the same chunks on every rank), two collectives of O(chunk) numbers, never
-O(N V):
+Then two collectives of O(N) numbers, never O(N V) (per chunk of rows for linear CE):
 
 1. an all-gather of each shard's ``(lse, max logit, argmax)`` per row and the refusal flag: the
    global log-sum-exp is their logsumexp, the predicted class the first maximum;
-2. one all-reduce of a packed ``[chunk, 4]`` tensor: each shard's loss contribution
+2. one all-reduce of a packed ``[N, 3]`` tensor: each shard's loss contribution
    ``T_r (lse - m_r) + sum_c t_c (m_r - x_c)`` (non-negative sums against the shard's max, so
-   nothing cancels or underflows), its target mass ``T_r``, the class weight of the labels it owns
-   and a flag for labels out of range.
+   nothing cancels or underflows), its target mass ``T_r`` and a flag for labels out of range.
 
-The chunk's gradient ``scale * (T p - t)`` (plus z-loss) follows at once from the global ``lse``,
-while the chunk is in cache: the shard's softmax numerators ``exp(x - m_r)``, already in the
-gradient buffer, rescaled by ``exp(m_r - lse)``. A weighted mean first sums the class weights each
-rank's labels own (one all-gather of two numbers per rank). Label smoothing spreads over the full
-vocabulary; class weights are this rank's shard (or the full weight, sliced here). The CE backward
-has no collective. Linear CE (:func:`vocab_parallel_linear`) does the same over row chunks of the
-shard's logits ``x W_r^T + b_r``, never all of them, and all-reduces the input gradient once in the
-backward.
+The gradient ``scale * (T p - t)`` (plus z-loss) follows from the global ``lse``: the shard's
+softmax numerators ``exp(x - m_r)``, left in the gradient buffer by the statistics pass, rescaled
+by ``exp(m_r - lse)``. A weighted mean first sums the class weights each rank's labels own (one
+all-gather of two numbers per rank). Label smoothing spreads over the full vocabulary; class
+weights are this rank's shard (or the full weight, sliced here). The CE backward has no
+collective. Linear CE (:func:`vocab_parallel_linear`) goes over row chunks of the shard's logits
+``x W_r^T + b_r`` (never all of them) with the two collectives per chunk, forms each chunk's
+gradient at once, and all-reduces the input gradient once in the backward.
 """
 
 from __future__ import annotations
@@ -161,9 +159,7 @@ def agree_before(group, check) -> None:
         check()
     except (ValueError, TypeError) as e:
         error = e
-    mine = torch.tensor([int(error is not None)], dtype=torch.int64)
-    if dist.get_backend(group) == "nccl":
-        mine = mine.cuda()
+    mine = torch.tensor([int(error is not None)], dtype=torch.int64, device=_exchange_device(group, None))
     everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(everyone, mine, group=group)
     _raise_if_refused(error, torch.cat(everyone).cpu() > 0, "its target")
@@ -201,9 +197,8 @@ def shard_sizes(group, classes: int, positions: int, device: torch.device, error
     if bool((table[:, 3] != table[0, 3]).any()):
         raise ValueError("vocab-parallel cross_entropy: the ranks were called with different options or dtypes "
                          "(label_smoothing, z_loss, softcap, ignore_index, reduction, weight, num_items, "
-                         "return_extras, chunk_size, reduce_input_grad, the logits' and the target's dtypes, value checks must "
-                         "agree): pass the "
-                         "same ones on every rank")
+                         "return_extras, chunk_size, reduce_input_grad, the logits' and the target's dtypes, "
+                         "value checks must agree): pass the same ones on every rank")
     for col, what in ((5, "hidden states"), (6, "num_items")):
         if bool((table[:, col] != table[0, col]).any()):
             raise _differ(what)
@@ -290,10 +285,10 @@ class _Shard:
             dst = None
         # exp(xs - ref) lands in the gradient buffer (it may be the logits: read first, then written)
         st, e = _Stats.of(x, xs, self.lt, out=dst, want_arg=opts.return_extras)
-        terms, lse, mass, _ = _combine_rows(self.a, st, self.lt, self.group, x3.device)
+        terms, lse, mass = _combine_rows(self.a, st, self.lt, self.group, x3.device)
         if grad3 is not None:
             g, zc = _row_scales(self.lt, lse, opts, red, 1.0)
-            p = _shard_grad(e, lse, mass, self.lt, th, g, zc, ref=st.ref)
+            p = _shard_grad(e, st.ref, lse, mass, self.lt, th, g, zc)
             if dst is None:
                 grad3.copy_(p.reshape(P, Q, Cr).transpose(1, 2))
         return terms
@@ -310,19 +305,13 @@ def _row_scales(lt: "_LocalTargets", lse: Tensor, opts: Options, red: Reduction,
     return g, zc
 
 
-def _shard_grad(xs: Tensor, lse: Tensor, mass: Tensor, lt: "_LocalTargets", th: Optional[Tensor], g: Tensor,
-                zc: Tensor, out: Optional[Tensor] = None, ref: Optional[Tensor] = None) -> Tensor:
+def _shard_grad(e: Tensor, ref: Tensor, lse: Tensor, mass: Tensor, lt: "_LocalTargets", th: Optional[Tensor],
+                g: Tensor, zc: Tensor) -> Tensor:
     """The gradient of this shard's logits ``[m, C_r]`` from the global ``lse``: ``g (T p - t) + zc p``,
-    times ``1 - tanh^2`` under softcap. From the capped logits ``xs`` (written into ``out``, which may
-    be ``xs``, when given), or, with ``ref``, from ``xs = exp(x_s - ref)`` (the shard's own softmax
-    numerators, overwritten): ``p = xs * exp(ref - lse)``. A row whose global lse is not finite (+inf
-    or NaN anywhere, or all -inf) gets NaN on every rank, as in one process."""
-    coef = mass * g + zc
-    if ref is not None:
-        p = xs.mul_((coef * torch.exp(ref - lse)).unsqueeze(1))
-    else:
-        p = torch.sub(xs, lse.unsqueeze(1), out=out).exp_() if out is not None else (xs - lse.unsqueeze(1)).exp_()
-        p.mul_(coef.unsqueeze(1))
+    times ``1 - tanh^2`` under softcap, written over ``e = exp(x_s - ref)`` (the shard's softmax
+    numerators against a per-row ``ref``): ``p = e * exp(ref - lse)``. A row whose global lse is not
+    finite (+inf or NaN anywhere, or all -inf) gets NaN on every rank, as in one process."""
+    p = e.mul_(((mass * g + zc) * torch.exp(ref - lse)).unsqueeze(1))
     if lt.t is not None:
         p.sub_(g.unsqueeze(1) * lt.t)
     else:
@@ -497,10 +486,11 @@ class _Stats:
             zero = torch.zeros_like(inf)
             return _Stats(zero, inf, inf, torch.zeros(m, dtype=torch.long, device=x.device), zero, zero), \
                 x if out is None else out
-        m_r = torch.amax(xs, 1)
         if want_arg:
             raw_max, raw_arg = torch.max(x, 1)
+            m_r = raw_max if xs is x else torch.amax(xs, 1)
         else:  # placeholders: the predicted class is not gathered
+            m_r = torch.amax(xs, 1)
             raw_max, raw_arg = m_r, torch.zeros(m, dtype=torch.long, device=x.device)
         # the shard's max, 0 for a shard of -inf (a label there gives +inf, not -inf - -inf)
         ref = torch.where(torch.isfinite(m_r), m_r, torch.zeros_like(m_r))
@@ -511,8 +501,7 @@ class _Stats:
 
 
 def _combine_rows(a: _Agreed, st: _Stats, lt: "_LocalTargets", group, dev):
-    """The two O(N) collectives over these rows: ``(RowTerms, global lse, global target mass, the
-    class weight of the labels each row has on every rank)``."""
+    """The two O(N) collectives over these rows: ``(RowTerms, global lse, global target mass)``."""
     stats = torch.stack([st.lse.double(), st.raw_max.double(), (st.raw_arg + a.offset).double()])
     refused = torch.full((3, 1), float(a.error is not None), dtype=torch.float64, device=stats.device)
     gathered = [torch.empty(3, stats.shape[1] + 1, dtype=torch.float64, device=stats.device) for _ in a.sizes]
@@ -526,22 +515,17 @@ def _combine_rows(a: _Agreed, st: _Stats, lt: "_LocalTargets", group, dev):
     maxes = torch.where((a.sizes.to(dev) > 0).unsqueeze(1), g[:, 1], torch.full_like(g[:, 1], float("-inf")))
     pred = g[:, 2].gather(0, torch.argmax(maxes, 0, keepdim=True)).squeeze(0).long()
     part = torch.where(st.mass == 0, torch.zeros_like(st.mass), st.mass * (lse - st.ref)) + st.sums
-    packed = torch.stack([part, st.mass, lt.owned_w, lt.bad.to(a.acc)], 1)  # a bad label anywhere: NaN everywhere
+    packed = torch.stack([part, st.mass, lt.bad.to(a.acc)], 1)
     dist.all_reduce(packed, group=group)
     # a bad label anywhere, or a +inf / NaN logit in the row (torch's log_softmax is NaN there): NaN
-    ce = packed[:, 0].masked_fill((packed[:, 3] > 0) | torch.isnan(lse) | (lse == float("inf")), float("nan"))
+    ce = packed[:, 0].masked_fill((packed[:, 2] > 0) | torch.isnan(lse) | (lse == float("inf")), float("nan"))
     if lt.valid is not None:
         ce = torch.where(lt.valid, ce, torch.zeros_like(ce))
     z = None
     if a.opts.z_loss:
         z = a.opts.z_loss * lse.square()
         z = torch.where(lt.valid, z, torch.zeros_like(z)) if lt.valid is not None else z
-    return RowTerms(ce, z, lse, pred if a.opts.return_extras else None), lse, packed[:, 1], packed[:, 2]
-
-
-def _weighted_mean(a: _Agreed) -> bool:
-    """Whether the denominator is the summed class weights of the labels, which the ranks own apart."""
-    return a.w is not None and isinstance(a.tgt, IndexTarget)
+    return RowTerms(ce, z, lse, pred if a.opts.return_extras else None), lse, packed[:, 1]
 
 
 def _softcapped(x: Tensor, opts: Options):
@@ -555,7 +539,7 @@ def _softcapped(x: Tensor, opts: Options):
 def vocab_parallel_terms(input: Tensor, target, cdim: int, target_format: str, opts: Options, group,
                          out_dtype: torch.dtype):
     """``(_Shard, typed target, Reduction, shape3)`` of a vocab-parallel cross-entropy: the exchange,
-    the target and the reduction; the caller runs the :class:`_Shard` (its chunks' collectives and
+    the target and the reduction; the caller runs the :class:`_Shard` (its statistics, collectives and
     gradient) through the fused autograd Function."""
     P, Cr = math.prod(input.shape[:cdim]), input.shape[cdim]
     Q = math.prod(input.shape[cdim + 1:])
@@ -596,11 +580,11 @@ def vocab_parallel_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], tar
             z = torch.nn.functional.linear(xc, weight, bias).to(a.acc)
             th, xs = _softcapped(z, a.opts)
             st, e = _Stats.of(z, xs, lc, out=z, want_arg=a.opts.return_extras)  # exp(xs - ref) in z's place
-            terms, lse, mass, _ = _combine_rows(a, st, lc, group, dev)
+            terms, lse, mass = _combine_rows(a, st, lc, group, dev)
             parts.append((terms, lse, mass))
             if grads is not None:
                 g, zc = _row_scales(lc, lse, a.opts, red, 1.0)
-                grads.add(r0, xc, weight, _shard_grad(e, lse, mass, lc, th, g, zc, ref=st.ref))
+                grads.add(r0, xc, weight, _shard_grad(e, st.ref, lse, mass, lc, th, g, zc))
     terms = RowTerms(*[None if parts[0][0][i] is None else torch.cat([p[0][i] for p in parts]) for i in range(4)])
     plan = _LinearPlan(lt, torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts]), a.opts, red, a.acc,
                        n, grads)
@@ -702,7 +686,8 @@ class _VocabParallelLinear(torch.autograd.Function):
             th, xs = _softcapped(z, plan.opts)
             lse, lt = plan.lse[r0:r0 + n], plan.lt.rows(r0, r0 + n)
             g, zc = _row_scales(lt, lse, plan.opts, plan.red, up[r0:r0 + n] if up.dim() else up)
-            grads.add(r0, xc, weight, _shard_grad(xs, lse, plan.mass[r0:r0 + n], lt, th, g, zc, out=xs))
+            e = torch.sub(xs, lse.unsqueeze(1), out=xs).exp_()  # against the global lse: ref = lse
+            grads.add(r0, xc, weight, _shard_grad(e, lse, lse, plan.mass[r0:r0 + n], lt, th, g, zc))
         return (*grads.out(torch.ones((), dtype=plan.acc, device=weight.device), weight, bias), None, None)
 
 

@@ -111,7 +111,7 @@ def cross_entropy(input: Tensor, target, weight: Optional[Tensor] = None, ignore
             weighted mean, z-loss, extras all global) and the gradient of its
             shard; the target is the full one (indices, one-hot, probabilities
             or a SparseTarget; probabilities may also be this rank's shard),
-            the same on every rank. In the forward, an exchange of eight
+            the same on every rank. In the forward, an exchange of eleven
             numbers per rank and two collectives of O(N) numbers; none in the
             backward, none when the group has one rank. Ranks that disagree
             on positions, options, dtype or (while value checks are on, by
@@ -163,7 +163,7 @@ def cross_entropy(input: Tensor, target, weight: Optional[Tensor] = None, ignore
         weight, target, num_items = local_tensor(weight), local_tensor(target), local_tensor(num_items)
     if is_dtensor(input):  # sharded on the class dim: vocab-parallel, a replicated loss
         input, process_group, wrap = dtensor_logits(input, dim)
-        out = cross_entropy(input, target, local_tensor(weight), ignore_index, reduction, label_smoothing, dim=dim,
+        out = cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, dim=dim,
                             target_format=target_format, z_loss=z_loss, softcap=softcap, num_items=num_items,
                             impl=impl, inplace_backward=inplace_backward, process_group=process_group,
                             return_extras=return_extras)
@@ -389,9 +389,9 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target, linear_bi
             vocabulary, ``input`` is replicated. Each rank goes over row chunks
             of its shard's logits (never all of them: ``chunk_size`` applies),
             with the collectives of vocab-parallel :func:`crossent.cross_entropy`
-            per chunk; the weight gradient needs no communication. A ``DTensor`` ``linear_weight`` sharded on dim 0 (an
-            lm_head under ``ColwiseParallel``) is vocab-parallel with no extra
-            argument. The hidden states must be the same on every rank (checked
+            per chunk; the weight gradient needs no communication. A
+            ``DTensor`` ``linear_weight`` sharded on dim 0 (an lm_head under
+            ``ColwiseParallel``) is vocab-parallel with no extra argument. The hidden states must be the same on every rank (checked
             by fingerprint while value checks are on): an FSDP2 (``fully_shard``)
             weight seen outside its module's forward is a shard over
             data-parallel ranks, not the vocabulary, and raises on every rank;
