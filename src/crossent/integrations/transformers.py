@@ -436,10 +436,6 @@ def _lora_head(model, layer):
     return _Head(base.linear, tuple(loras))
 
 
-def _check_head(model, head):
-    _resolve_head(model, head)
-
-
 def _check_linear(model):
     name, cfg = _name(model), model.config
     for attr, who in (("logit_scale", "Cohere"), ("logits_scaling", "Granite")):
@@ -457,7 +453,7 @@ def _check_linear(model):
         raise ValueError(f"{name} adds a router auxiliary loss to its training loss (config.output_router_logits="
                          f"True): mode='linear' computes the cross-entropy only. Fix: {_FIX_LOSS_FUNCTION}, or set "
                          "config.output_router_logits = False")
-    _check_head(model, model.get_output_embeddings())
+    _resolve_head(model, model.get_output_embeddings())  # refuses what it cannot reproduce, at apply time
     if model.base_model is model:
         raise ValueError(f"{name} has no separate decoder (model.base_model is the model itself), so crossent "
                          f"cannot run it without the output layer. Fix: {_FIX_LOSS_FUNCTION}")
